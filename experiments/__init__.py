@@ -1,0 +1,1 @@
+"""Runnable jobs and the ``keepgym`` command line (train, prune, agentvit, evaluate, bench, demo)."""

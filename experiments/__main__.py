@@ -1,0 +1,7 @@
+"""``python -m experiments`` is the ``keepgym`` command."""
+
+import sys
+
+from experiments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,214 @@
+"""Shared plumbing of the ``keepgym`` commands: dataclass configs -> argparse, run folders,
+atomic writes, seeding, devices and clear one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CliError",
+    "add_config_arguments",
+    "config_from_args",
+    "prepare_run_dir",
+    "write_json",
+    "atomic_torch_save",
+    "seed_everything",
+    "resolve_device",
+    "machine_info",
+    "run_name",
+    "arg",
+]
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status 2, no traceback."""
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its ``--help`` text and choices."""
+    meta = {"help": help, "choices": choices}
+    if default is dataclasses.MISSING and "default_factory" not in kw:
+        return dataclasses.field(metadata=meta, **kw)
+    if "default_factory" in kw:
+        return dataclasses.field(metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of the dataclass ``cls`` (bools become on/off switches)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(hints[f.name])
+        meta = f.metadata
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        help_text = meta.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        if typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            parser.add_argument(flag, type=inner, nargs="+", default=default, help=help_text + f" (default: {default})")
+            continue
+        kwargs: dict[str, Any] = {"type": tp if tp in (int, float) else str, "help": help_text}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+            kwargs["help"] = f"{help_text} (default: {default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build the dataclass ``cls`` from parsed arguments (tuples restored from lists)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_") or not hasattr(args, f.name):
+            continue
+        v = getattr(args, f.name)
+        values[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**values)
+
+
+def run_name(*parts: Any) -> str:
+    """CleanRL-style run name: parts joined with ``__`` plus a timestamp."""
+    return "__".join([str(p) for p in parts if p is not None] + [time.strftime("%Y%m%d-%H%M%S")])
+
+
+def prepare_run_dir(out: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
+    """Create the run folder; refuse to overwrite an existing non-empty one unless told to.
+
+    Raises:
+        CliError: the folder holds a run and neither ``force`` nor ``resume`` was given, or
+            ``resume`` was given and there is nothing to resume.
+    """
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {path} exists and is not a folder")
+    has_run = path.is_dir() and any(path.iterdir())
+    if resume:
+        if not has_run:
+            raise CliError(f"--resume: {path} holds no run to resume")
+        return path
+    if has_run:
+        if not force:
+            raise CliError(f"{path} already holds a run; pass --force to overwrite it or --resume to continue it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(_jsonable(obj), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file, fsync, then rename: a kill never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; validates the rest."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def machine_info() -> dict:
+    """A description of the machine for benchmark JSON files."""
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info

@@ -1,0 +1,176 @@
+"""``keepgym train``: train a baseline classifier (SGD + cosine) and save it for pruning.
+
+Writes ``DIR/model.pt`` (best validation epoch, :func:`models.save_model`), ``DIR/summary.json``,
+``DIR/config.json``, TensorBoard events and ``DIR/checkpoint.pt`` after every epoch, so Ctrl-C or a
+kill leaves a usable model and ``--resume`` finishes the run exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from envs.data import DATASETS, load_dataset
+from envs.metrics import count_macs_params, evaluate_accuracy
+from envs.trainer import Trainer
+from experiments.common import (
+    CliError,
+    arg,
+    atomic_torch_save,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
+
+__all__ = ["TrainConfig", "run", "COMMAND", "DESCRIPTION", "Config"]
+
+logger = logging.getLogger(__name__)
+
+COMMAND = "train"
+DESCRIPTION = "Train a baseline classifier (SGD + cosine schedule) and save it for pruning."
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one ``keepgym train`` run (saved as ``config.json``)."""
+
+    model: str = arg(help="model name (see `keepgym train --list-models`), e.g. vgg11, resnet56")
+    dataset: str = arg(help="dataset", choices=DATASETS)
+    out: str = arg(help="run folder for model.pt, summary.json, config.json and TensorBoard events")
+    epochs: int = arg(30, help="training epochs")
+    width_mult: float = arg(1.0, help="channel width multiplier (e.g. 0.25 for CPU-sized runs)")
+    batch_size: int = arg(128, help="batch size")
+    learning_rate: float = arg(0.05, help="peak SGD learning rate")
+    momentum: float = arg(0.9, help="SGD momentum")
+    weight_decay: float = arg(5e-4, help="SGD weight decay")
+    label_smoothing: float = arg(0.0, help="cross-entropy label smoothing")
+    val_size: float = arg(0.1, help="fraction of the training images held out for validation")
+    train_size: int | None = arg(None, help="use at most this many training images")
+    data_root: str | None = arg(None, help="folder of the torchvision datasets")
+    download: bool = arg(False, help="download a missing torchvision dataset (needs internet)")
+    device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
+    seed: int = arg(0, help="random seed")
+    force: bool = arg(False, help="overwrite an existing run folder")
+    resume: bool = arg(False, help="continue the interrupted run in --out")
+    progress: bool = arg(True, help="show a progress bar")
+
+
+Config = TrainConfig
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every setting before any work starts."""
+    from models import list_models
+
+    if cfg.model not in list_models():
+        raise CliError(f"unknown model {cfg.model!r}; valid models: {', '.join(list_models())}")
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.width_mult > 0, f"--width-mult must be > 0, got {cfg.width_mult}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
+        (0 < cfg.val_size < 1, f"--val-size must be in (0, 1), got {cfg.val_size}"),
+        (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (cfg.train_size is None or cfg.train_size >= 10, "--train-size must be >= 10"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise CliError(msg)
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir() and not cfg.download:
+        raise CliError(f"--data-root {cfg.data_root} is not a folder")
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train, checkpoint every epoch, evaluate once on the test split; returns the summary."""
+    validate(cfg)
+    from models import create_model, load_model, save_model
+
+    device = resolve_device(cfg.device)
+    out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.resume:
+        _check_resume(out, cfg)
+    write_json(out / "config.json", cfg)
+    seed_everything(cfg.seed)
+    data = load_dataset(
+        cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
+        train_size=cfg.train_size,
+    )
+    model = create_model(cfg.model, num_classes=data.num_classes, width_mult=cfg.width_mult, in_chans=data.in_chans)
+    trainer = Trainer(
+        model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+        device=device, seed=cfg.seed,
+    )
+    best = {"val_accuracy": -1.0, "epoch": 0}
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+        best = dict(state["best"])
+        logger.info("resuming %s after epoch %d", out, trainer.epoch)
+    writer = SummaryWriter(str(out))
+    if trainer.epoch == 0:
+        writer.add_text("config", _config_markdown(cfg))
+    bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc=f"train {cfg.model}", disable=not cfg.progress)
+    try:
+        while trainer.epoch < cfg.epochs:
+            stats = trainer.train_epoch()
+            for key in ("train_loss", "train_accuracy", "val_accuracy", "learning_rate"):
+                writer.add_scalar(f"train/{key}", getattr(stats, key), stats.epoch)
+            if stats.val_accuracy > best["val_accuracy"]:
+                best = {"val_accuracy": stats.val_accuracy, "epoch": stats.epoch}
+                save_model(trainer.model, out / "model.pt", dataset=cfg.dataset, val_accuracy=stats.val_accuracy)
+            atomic_torch_save({"trainer": trainer.state_dict(), "best": best}, ckpt_path)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.train_loss:.3f}", val=f"{stats.val_accuracy:.3f}")
+    finally:
+        bar.close()
+        writer.flush()
+    model = load_model(out / "model.pt").to(device)
+    channels, size = data.in_chans, data.image_size
+    macs, params = count_macs_params(model, (1, channels, size, size))
+    summary = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "width_mult": cfg.width_mult,
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": evaluate_accuracy(model, data.test_x, data.test_y, data.normalize, device=device),
+        "macs": macs,
+        "params": params,
+        "train_seconds": trainer.train_seconds,
+        "divergence_events": trainer.divergence_events,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    writer.add_scalar("final/test_accuracy", summary["test_accuracy"], cfg.epochs)
+    writer.close()
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _check_resume(out: Path, cfg: TrainConfig) -> None:
+    import json
+
+    path = out / "config.json"
+    if not path.exists():
+        raise CliError(f"--resume: {out} has no config.json")
+    saved = json.loads(path.read_text())
+    ignore = {"resume", "force", "progress", "device"}
+    diff = [k for k, v in saved.items() if k not in ignore and getattr(cfg, k, v) != v]
+    if diff:
+        raise CliError(f"--resume: settings differ from the saved run in {', '.join(sorted(diff))}")
+
+
+def _config_markdown(cfg: object) -> str:
+    from dataclasses import asdict
+
+    rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(cfg).items())
+    return "| setting | value |\n|---|---|\n" + rows
