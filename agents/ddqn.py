@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -45,8 +46,13 @@ logger = logging.getLogger(__name__)
 
 SelfDDQN = TypeVar("SelfDDQN", bound="DDQN")
 
-#: Keys of the env's ``info`` dict that are averaged over recent steps and logged as ``rollout/<key>``.
-DEFAULT_INFO_KEYWORDS: tuple[str, ...] = ("kept_patches", "step_seconds")
+#: Env ``info`` key -> TensorBoard tag, averaged over recent steps. ``PatchSelectEnv`` reports the kept
+#: patches per image as ``kept``; ``kept_patches`` is accepted too.
+DEFAULT_INFO_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("kept", "rollout/kept_patches"),
+    ("kept_patches", "rollout/kept_patches"),
+    ("step_seconds", "rollout/step_seconds"),
+)
 
 
 def _random_masks(rng: np.random.Generator, n: int, n_bits: int) -> np.ndarray:
@@ -91,7 +97,10 @@ class BranchingQNetwork(BasePolicy):
         normalize_images: bool = True,
     ) -> None:
         super().__init__(
-            observation_space, action_space, features_extractor=features_extractor, normalize_images=normalize_images
+            observation_space,
+            action_space,
+            features_extractor=features_extractor,
+            normalize_images=normalize_images,
         )
         if not isinstance(action_space.n, int | np.integer):
             raise ValueError(f"BranchingQNetwork needs a flat MultiBinary(N) space, got {action_space}")
@@ -254,8 +263,10 @@ class DDQN(OffPolicyAlgorithm):
         exploration_final_eps: Final epsilon.
         exploration_decay: Time constant (env steps) of the exponential schedule.
         max_grad_norm: Gradient-norm clipping threshold.
-        info_keywords: Keys of the env's ``info`` averaged over the last ``stats_window_size`` steps and
-            logged as ``rollout/<key>`` (e.g. ``kept_patches``, ``step_seconds``); missing keys are skipped.
+        info_keywords: Pairs (or a mapping) ``info key -> TensorBoard tag``; each value found in the env's
+            ``info`` is averaged over the last ``stats_window_size`` steps and logged under its tag
+            (default: ``kept``/``kept_patches`` -> ``rollout/kept_patches``, ``step_seconds`` ->
+            ``rollout/step_seconds``). Missing keys are skipped; one value per tag and step.
         stats_window_size: Window of the rollout statistics.
         tensorboard_log: TensorBoard log directory (None: no TensorBoard).
         policy_kwargs: Policy keyword arguments (``net_arch``, ``optimizer_class``, ``dueling``, ...).
@@ -300,7 +311,7 @@ class DDQN(OffPolicyAlgorithm):
         exploration_final_eps: float = 0.02,
         exploration_decay: float = 20_000.0,
         max_grad_norm: float = 10.0,
-        info_keywords: tuple[str, ...] = DEFAULT_INFO_KEYWORDS,
+        info_keywords: Mapping[str, str] | tuple[tuple[str, str], ...] = DEFAULT_INFO_KEYWORDS,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -359,7 +370,8 @@ class DDQN(OffPolicyAlgorithm):
         self.exploration_final_eps = exploration_final_eps
         self.exploration_decay = exploration_decay
         self.max_grad_norm = max_grad_norm
-        self.info_keywords = tuple(info_keywords)
+        pairs = info_keywords.items() if isinstance(info_keywords, Mapping) else info_keywords
+        self.info_keywords: tuple[tuple[str, str], ...] = tuple((str(k), str(t)) for k, t in pairs)
         # Env-step counter for target updates in "step" units (as SB3's DQN).
         self._n_calls = 0
         # Epsilon of the epsilon-greedy exploration, updated after every env step.
@@ -427,10 +439,10 @@ class DDQN(OffPolicyAlgorithm):
         # Copy BatchNorm running stats to the target on every target update (SB3 GH issue #996).
         self.batch_norm_stats = get_parameters_by_name(self.q_net, ["running_"])
         self.batch_norm_stats_target = get_parameters_by_name(self.q_net_target, ["running_"])
-        self._info_stats = {key: deque(maxlen=self._stats_window_size) for key in self.info_keywords}
+        self._info_stats = {tag: deque(maxlen=self._stats_window_size) for _, tag in self.info_keywords}
         if self.target_update_unit == "step" and self.n_envs > self.target_update_interval:
             logger.warning(
-                "n_envs (%d) > target_update_interval (%d) env steps: the target is updated on every env.step()",
+                "n_envs (%d) > target_update_interval (%d) env steps: target updated on every env.step()",
                 self.n_envs,
                 self.target_update_interval,
             )
@@ -503,20 +515,25 @@ class DDQN(OffPolicyAlgorithm):
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
         super()._update_info_buffer(infos, dones)
         for info in infos:
-            for key, values in self._info_stats.items():
-                if key in info and info[key] is not None:
-                    values.append(float(np.mean(info[key])))
+            seen: set[str] = set()
+            for key, tag in self.info_keywords:
+                if tag not in seen and info.get(key) is not None:
+                    self._info_stats[tag].append(float(np.mean(info[key])))
+                    seen.add(tag)
 
     def _on_step(self) -> None:
         """After every env step: target update in "step" units, epsilon, rollout statistics."""
         self._n_calls += 1
-        if self.target_update_unit == "step" and self._n_calls % max(self.target_update_interval // self.n_envs, 1) == 0:
+        if (
+            self.target_update_unit == "step"
+            and self._n_calls % max(self.target_update_interval // self.n_envs, 1) == 0
+        ):
             self._update_target()
         self.exploration_rate = self._exploration_value()
         self.logger.record("rollout/exploration_rate", self.exploration_rate)
-        for key, values in self._info_stats.items():
+        for tag, values in self._info_stats.items():
             if values:
-                self.logger.record(f"rollout/{key}", float(np.mean(values)))
+                self.logger.record(tag, float(np.mean(values)))
 
     def _update_target(self) -> None:
         polyak_update(self.q_net.parameters(), self.q_net_target.parameters(), self.tau)

@@ -76,8 +76,9 @@ class Attention(nn.Module):
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t, _ = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, t, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each (B, heads, T, dim_head)
+        # unbind (not indexing): its backward is one stack instead of three zero-filled scatters.
+        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.heads, self.dim_head).unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, heads, T, dim_head)
 
     def _merge(self, out: Tensor) -> Tensor:
         b, _, t, _ = out.shape
@@ -174,7 +175,8 @@ class ViT(nn.Module):
         b, c, h, w = x.shape
         if c != self.in_chans or h != self.image_size or w != self.image_size:
             raise ValueError(
-                f"expected input (B, {self.in_chans}, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+                f"expected input (B, {self.in_chans}, {self.image_size}, {self.image_size}), "
+                f"got {tuple(x.shape)}"
             )
         p, g = self.patch_size, self.grid
         x = x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1)
@@ -200,6 +202,10 @@ class ViT(nn.Module):
         if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= self.num_patches):
             raise ValueError(f"keep indices must lie in [0, {self.num_patches})")
         return keep.long()
+
+    def get_classifier(self) -> nn.Linear:
+        """The logits layer."""
+        return self.head
 
     # ----------------------------------------------------------------- forward
     def forward_features(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
@@ -254,29 +260,47 @@ class ViT(nn.Module):
         return attn.mean(dim=(1, 2))
 
     # -------------------------------------------------------------------- cost
-    def analytic_macs(self, k: int | None = None) -> int:
+    def analytic_macs(self, k: int | None = None, include_norms: bool = True) -> int:
         """Multiply-accumulates per image of ``forward`` with ``k`` kept patches (``None`` = all).
 
-        Counts the matrix products (patch embedding on all ``N`` patches, QKV, ``QK^T``, ``AV``, output
-        projection, MLP, head), as ``torch.utils.flop_counter`` does; norms, GELU, softmax and adds are
-        not counted.
+        Counted like ``envs.metrics.count_macs_params``, the project's counter: every matrix product
+        (patch embedding on all ``N`` patches, QKV, ``QK^T``, ``AV``, output projection, MLP, head; as
+        ``torch.utils.flop_counter`` counts them) plus, thop-style, ``4 * numel`` for each affine
+        LayerNorm's input. GELU, softmax and additions count zero.
+
+        Args:
+            k: Kept patches, ``1 <= k <= N``.
+            include_norms: Add the LayerNorm term; False gives the matrix products alone (what
+                ``FlopCounterMode`` reports, divided by 2).
         """
         n = self.num_patches
         k = n if k is None else int(k)
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         t = k + self.num_prefix_tokens
-        inner = self.heads * self.dim_head
-        block = t * self.dim * 3 * inner + 2 * t * t * inner + t * inner * self.dim + 2 * t * self.dim * self.mlp_dim
-        return n * self.patch_dim * self.dim + self.depth * block + self.dim * self.num_classes
+        macs = self._embed_macs(include_norms) + self.depth * self._block_macs(t, include_norms)
+        return macs + self.dim * self.num_classes + (4 * self.dim if include_norms else 0)
 
-    def analytic_score_macs(self, layer: int = 0) -> int:
-        """MACs per image of ``patch_scores(x, layer)`` (all patches through blocks ``0..layer``)."""
+    def analytic_score_macs(self, layer: int = 0, include_norms: bool = True) -> int:
+        """MACs per image of ``patch_scores(x, layer)``: all patches through blocks ``0..layer - 1`` and
+        the attention sub-layer of block ``layer``, counted as in ``analytic_macs``."""
         t = self.num_patches + self.num_prefix_tokens
+        attn = self._block_macs(t, include_norms, attention_only=True)
+        return self._embed_macs(include_norms) + layer * self._block_macs(t, include_norms) + attn
+
+    def _embed_macs(self, include_norms: bool) -> int:
+        n = self.num_patches
+        norms = 4 * n * (self.patch_dim + self.dim) if include_norms else 0
+        return n * self.patch_dim * self.dim + norms
+
+    def _block_macs(self, t: int, include_norms: bool, attention_only: bool = False) -> int:
         inner = self.heads * self.dim_head
         attn = t * self.dim * 3 * inner + 2 * t * t * inner + t * inner * self.dim
-        block = attn + 2 * t * self.dim * self.mlp_dim
-        return self.num_patches * self.patch_dim * self.dim + layer * block + attn
+        attn += 4 * t * self.dim if include_norms else 0
+        if attention_only:
+            return attn
+        mlp = 2 * t * self.dim * self.mlp_dim + (4 * t * self.dim if include_norms else 0)
+        return attn + mlp
 
 
 # --------------------------------------------------------------------- selectors
@@ -298,7 +322,7 @@ def select_random_k(scores: Tensor, k: int, generator: torch.Generator | None = 
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:
-    """The ``k`` highest-scoring patches per image, sorted by index (EViT-like attention top-k): ``(B, k)``."""
+    """The ``k`` highest-scoring patches per image, sorted by index: ``(B, k)`` (EViT-like top-k)."""
     _, n = scores.shape
     k = _check_k(k, n)
     return scores.topk(k, dim=1).indices.sort(dim=1).values
@@ -339,7 +363,13 @@ def _scaled(value: int, width_mult: float, multiple: int = 1) -> int:
 
 
 def _build(
-    defaults: dict, num_classes: int, in_chans: int, image_size: int, patch_size: int, width_mult: float, kw: dict
+    defaults: dict,
+    num_classes: int,
+    in_chans: int,
+    image_size: int,
+    patch_size: int,
+    width_mult: float,
+    kw: dict,
 ) -> ViT:
     cfg = dict(defaults)
     if width_mult != 1.0:
@@ -348,7 +378,9 @@ def _build(
         cfg["heads"] = _scaled(cfg["heads"], width_mult)
         cfg["mlp_dim"] = _scaled(cfg["mlp_dim"], width_mult)
     cfg.update(kw)
-    return ViT(num_classes=num_classes, in_chans=in_chans, image_size=image_size, patch_size=patch_size, **cfg)
+    return ViT(
+        num_classes=num_classes, in_chans=in_chans, image_size=image_size, patch_size=patch_size, **cfg
+    )
 
 
 def vit_cifar(

@@ -1,0 +1,181 @@
+"""Non-learning pruning baselines behind RLPruner's interface, so a comparison is one flag apart.
+
+* :class:`UniformPruner`: every prunable group gives the same fraction of its current width per stage
+  (the action is the current group widths, which the env's proportional split turns into equal fractions).
+* :class:`GlobalPruner`: Torch-Pruning's *global* ranking (``global_pruning=True``): the per-channel
+  importances of all groups (normalised within each group, ``env.unwrapped.stage_importance()``) are
+  ranked together and the stage budget's ``M`` least important channels are removed, wherever they are.
+  The action is the number of those channels in each group.
+
+Both commit one stage per timestep with no search, log the same ``stage/*`` keys as :class:`RLPruner`
+and keep the last committed distribution as their policy (what ``predict`` returns). They reach the raw
+env exactly as :class:`RLPruner` does (``self.env.envs[0].unwrapped``; see ``agents/rl_pruner.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
+
+from agents.rl_pruner import PruneDistributionPolicy, _normalise, _StagedPrunerBase
+
+__all__ = ["GlobalPruner", "UniformPruner"]
+
+logger = logging.getLogger(__name__)
+
+
+def _stage_budget(raw: Any) -> int:
+    """Channels per stage: ``env.stage_budget``, else ``round(stage_sparsity * sum(initial widths))``."""
+    budget = getattr(raw, "stage_budget", None)
+    if budget is not None:
+        return int(budget)
+    stage_sparsity = getattr(raw, "stage_sparsity", None)
+    if stage_sparsity is not None:
+        # Approximate when a group spans several layers; only the proportions of the action matter.
+        return int(round(float(stage_sparsity) * float(np.sum(raw.initial_group_widths))))
+    raise AttributeError(
+        f"{type(raw).__name__} exposes neither stage_budget nor stage_sparsity: the global baseline "
+        "cannot tell how many channels a stage removes"
+    )
+
+
+def _global_counts(
+    importances: list[np.ndarray], mask: np.ndarray, budget: int, min_channels: int = 1
+) -> np.ndarray:
+    """Per-group counts of the ``budget`` globally least important channels.
+
+    A group offers at most ``len(importance) - min_channels`` channels (its least important ones) and
+    groups outside ``mask`` offer none. Ties are broken by group then channel order (stable sort).
+    """
+    values, owners = [], []
+    for g, importance in enumerate(importances):
+        importance = np.asarray(importance, dtype=np.float64).reshape(-1)
+        offer = max(importance.size - min_channels, 0) if mask[g] else 0
+        if offer == 0:
+            continue
+        values.append(np.sort(importance, kind="stable")[:offer])
+        owners.append(np.full(offer, g, dtype=np.int64))
+    counts = np.zeros(len(importances), dtype=np.int64)
+    if not values or budget <= 0:
+        return counts
+    all_values, all_owners = np.concatenate(values), np.concatenate(owners)
+    chosen = np.argsort(all_values, kind="stable")[:budget]
+    np.add.at(counts, all_owners[chosen], 1)
+    return counts
+
+
+class _FixedRulePruner(_StagedPrunerBase):
+    """A staged pruner whose per-stage action follows from the env's state by a fixed rule."""
+
+    def __init__(
+        self,
+        policy: str | type[PruneDistributionPolicy] = "PruneDistributionPolicy",
+        env: GymEnv | str | None = None,
+        image_log_interval: int = 10,
+        tensorboard_log: str | None = None,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        verbose: int = 0,
+        _init_setup_model: bool = True,
+    ) -> None:
+        super().__init__(
+            policy,
+            env,
+            image_log_interval=image_log_interval,
+            tensorboard_log=tensorboard_log,
+            seed=seed,
+            device=device,
+            verbose=verbose,
+            _init_setup_model=_init_setup_model,
+        )
+
+    def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _plan_stage(self, raw: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        mask = np.asarray(raw.prunable_mask(), dtype=bool)
+        if not mask.any():
+            raise RuntimeError("no group can give channels any more, but the episode has not terminated")
+        action = _normalise(self._rule(raw, mask), mask)
+        self.policy.set_distribution(action)
+        return action.astype(np.float32), {"candidates": 0}
+
+
+class UniformPruner(_FixedRulePruner):
+    """Uniform baseline: each prunable group gives the same fraction of its current width per stage.
+
+    Args:
+        policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
+        env: A ``PruneEnv``-like env (single env, see :class:`agents.rl_pruner.RLPruner`).
+        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
+        tensorboard_log: TensorBoard log folder (None: no TensorBoard).
+        seed: Seed of SB3's global RNGs and of the env's first reset.
+        device: Accepted for SB3 compatibility.
+        verbose: 0 silent, 1 prints the logger's table every dump.
+        _init_setup_model: Build the policy now (False is used by ``load``).
+    """
+
+    def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
+        # Budget split proportionally to the widths = the same fraction from every group.
+        return np.where(mask, np.asarray(raw.group_widths, dtype=np.float64), 0.0)
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "UniformPruner",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> UniformPruner:
+        return super().learn(
+            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
+        )
+
+
+class GlobalPruner(_FixedRulePruner):
+    """Global-ranking baseline (Torch-Pruning's ``global_pruning``) at the env's stage budget.
+
+    Needs ``env.unwrapped.stage_importance()`` (per-group, per-channel importance of the current stage,
+    normalised within each group) and ``stage_budget`` (else ``stage_sparsity``); respects the env's
+    ``min_channels`` if it has one (default 1).
+
+    Args:
+        policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
+        env: A ``PruneEnv``-like env (single env, see :class:`agents.rl_pruner.RLPruner`).
+        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
+        tensorboard_log: TensorBoard log folder (None: no TensorBoard).
+        seed: Seed of SB3's global RNGs and of the env's first reset.
+        device: Accepted for SB3 compatibility.
+        verbose: 0 silent, 1 prints the logger's table every dump.
+        _init_setup_model: Build the policy now (False is used by ``load``).
+    """
+
+    def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
+        importances = list(raw.stage_importance())
+        if len(importances) != mask.shape[0]:
+            raise ValueError(
+                f"stage_importance() returned {len(importances)} groups, expected {mask.shape[0]}"
+            )
+        counts = _global_counts(importances, mask, _stage_budget(raw), int(getattr(raw, "min_channels", 1)))
+        if counts.sum() == 0:
+            logger.warning("global ranking selected no channel; falling back to a uniform split")
+            return mask.astype(np.float64)
+        return counts.astype(np.float64)
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "GlobalPruner",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> GlobalPruner:
+        return super().learn(
+            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
+        )

@@ -1,0 +1,270 @@
+"""Knowledge-distillation fine-tuning of a pruned student against its unpruned teacher.
+
+RL-Pruner (arXiv 2411.06463) recovers accuracy after every pruning stage with Hinton et al.'s
+distillation loss::
+
+    loss = kd_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+           + (1 - kd_weight) * CE(student, y)
+
+with T = 2 and kd_weight = 0.75, SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) and a cosine decay.
+Unlike the reference code there is no warm-up that can zero the learning rate for short runs, and a
+NaN/inf guard stops the run and restores the last good weights instead of propagating garbage.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from envs.data import BatchLoader, DatasetSplits
+
+__all__ = ["DistillStats", "distill", "kd_loss"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillStats:
+    """What one :func:`distill` call did.
+
+    Attributes:
+        steps: optimiser steps taken (fewer than asked when the guard stopped the run).
+        mean_loss: mean training loss over the steps taken (nan if none).
+        last_loss: loss of the last finite step (nan if none).
+        learning_rate: learning rate of the last step.
+        diverged: a non-finite loss was met; the weights were restored to ``restored_step``.
+        restored_step: the step whose weights the guard restored (0 = the weights on entry).
+        seconds: wall time.
+    """
+
+    steps: int
+    mean_loss: float
+    last_loss: float
+    learning_rate: float
+    diverged: bool
+    restored_step: int | None
+    seconds: float
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 2.0,
+    kd_weight: float = 0.75,
+) -> torch.Tensor:
+    """``kd_weight * T^2 * KL(p_teacher || p_student) + (1 - kd_weight) * CE(student, targets)``.
+
+    The KL divergence is averaged over the batch (``batchmean``), the T^2 factor keeps the soft
+    term's gradient scale independent of T (Hinton et al., 2015).
+    """
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(student_logits, targets)
+    return kd_weight * t * t * soft + (1.0 - kd_weight) * hard
+
+
+def _batches(
+    source: DatasetSplits | Iterable,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator | None,
+    augment: bool,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless stream of (x, y) batches: a train-split loader or a re-iterated iterable."""
+    if isinstance(source, DatasetSplits):
+        drop_last = len(source.train_y) > batch_size
+        source = BatchLoader(
+            source.train_x,
+            source.train_y,
+            source,
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            drop_last=drop_last,
+            device=device,
+            generator=generator,
+        )
+    while True:
+        empty = True
+        for x, y in source:
+            empty = False
+            yield x.to(device), y.to(device)
+        if empty:
+            raise ValueError("distill: the data source yielded no batches")
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader_or_data: DatasetSplits | Iterable,
+    steps: int,
+    *,
+    temperature: float = 2.0,
+    kd_weight: float = 0.75,
+    learning_rate: float = 1e-3,
+    min_learning_rate: float = 1e-6,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    batch_size: int = 128,
+    augment: bool = True,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+    guard_interval: int = 50,
+) -> DistillStats:
+    """Fine-tune ``student`` for ``steps`` SGD steps with the distillation loss, in place.
+
+    Args:
+        student: the (pruned) model to train; left in eval mode afterwards.
+        teacher: the unpruned model; run in eval mode under ``no_grad``, never changed.
+        loader_or_data: a :class:`envs.data.DatasetSplits` (its train split is used, shuffled and,
+            with ``augment``, pad-cropped and flipped) or any iterable of ``(x, y)`` batches of
+            normalised images, re-iterated as often as needed.
+        steps: optimiser steps (0 does nothing).
+        temperature: softmax temperature T.
+        kd_weight: weight of the soft (teacher) term; ``1 - kd_weight`` weighs the label CE.
+        learning_rate: initial SGD learning rate, decayed by a cosine to ``min_learning_rate``.
+        min_learning_rate: learning rate of the last step.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        batch_size: images per step when ``loader_or_data`` is a dataset.
+        augment: augment the training batches when ``loader_or_data`` is a dataset.
+        device: where to train (default: the student's device).
+        seed: seeds batch order, augmentation and dropout (the global torch RNG is forked, so the
+            caller's random state is left alone); None uses the current global state.
+        guard_interval: keep a copy of the weights every this many good steps for the NaN guard.
+
+    Returns:
+        :class:`DistillStats`.
+
+    Raises:
+        ValueError: bad hyperparameters.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+    if learning_rate <= 0 or min_learning_rate < 0:
+        raise ValueError("learning_rate must be > 0 and min_learning_rate >= 0")
+    if guard_interval < 1:
+        raise ValueError(f"guard_interval must be >= 1, got {guard_interval}")
+    start = time.perf_counter()
+    if steps == 0:
+        return DistillStats(0, math.nan, math.nan, learning_rate, False, None, 0.0)
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        generator = None
+        if seed is not None:
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+        return _run(
+            student,
+            teacher,
+            loader_or_data,
+            steps,
+            temperature,
+            kd_weight,
+            learning_rate,
+            min_learning_rate,
+            momentum,
+            weight_decay,
+            batch_size,
+            augment,
+            device,
+            generator,
+            guard_interval,
+            start,
+        )
+
+
+def _run(
+    student,
+    teacher,
+    source,
+    steps,
+    temperature,
+    kd_weight,
+    lr,
+    min_lr,
+    momentum,
+    weight_decay,
+    batch_size,
+    augment,
+    device,
+    generator,
+    guard_interval,
+    start,
+) -> DistillStats:
+    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    good_state = copy.deepcopy(student.state_dict())
+    good_step = 0
+    teacher.eval()
+    student.train()
+    batches = _batches(source, batch_size, device, generator, augment)
+    total, last, done, current_lr = 0.0, math.nan, 0, lr
+    diverged = False
+    try:
+        for step in range(steps):
+            # cosine decay from lr (first step) to min_lr (last step)
+            frac = step / max(1, steps - 1)
+            current_lr = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            x, y = next(batches)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = kd_loss(student(x), t_logits, y, temperature, kd_weight)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            total += value
+            last = value
+            done = step + 1
+            if done % guard_interval == 0:
+                if all(torch.isfinite(p).all() for p in student.parameters()):
+                    good_state = copy.deepcopy(student.state_dict())
+                    good_step = done
+                else:
+                    diverged = True
+                    break
+        if not diverged and not all(torch.isfinite(p).all() for p in student.parameters()):
+            diverged = True
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        student.eval()
+    if diverged:
+        student.load_state_dict(good_state)
+        logger.warning(
+            "distill: non-finite loss or weights after %d steps; restored the weights of step %d",
+            done,
+            good_step,
+        )
+    return DistillStats(
+        steps=done,
+        mean_loss=total / done if done else math.nan,
+        last_loss=last,
+        learning_rate=current_lr,
+        diverged=diverged,
+        restored_step=good_step if diverged else None,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,675 @@
+"""PatchSelectEnv: choose the patches a Vision Transformer trains on (AgentViT as a Gymnasium env).
+
+AgentViT (Cauteruccio, Marchetti, Traini, Ursino, Virgili, "Adaptive patch selection to improve
+Vision Transformers through Reinforcement Learning", Applied Intelligence 2025) trains a ViT and a
+Double-DQN agent jointly: the agent reads the first block's attention and picks which patches the ViT
+sees, so training touches fewer tokens. Here the ViT and its training loop live inside the env and
+one env step is one ViT training step; any discrete-action SB3 agent (DQN, PPO, A2C) or
+``agents.DDQN`` can drive it.
+
+``benchmark_vit`` measures what token dropping buys on the hardware at hand (``keepgym bench vit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+
+from envs.data import BatchLoader, DatasetSplits, load_dataset
+from models import create_model, save_model
+from models.vit import ViT, select_random_k, select_topk, vit_cifar
+
+__all__ = ["PatchSelectEnv", "benchmark_vit"]
+
+logger = logging.getLogger(__name__)
+
+ACTION_MODES = ("ratio", "mask")
+STATES = ("attention", "agentvit")
+DEFAULT_KEEP_RATIOS = (0.25, 0.375, 0.5, 0.75, 1.0)
+# AgentViT's CIFAR-10 setting: 30 of 64 patches wanted.
+TARGET_KEEP_FRACTION = 30 / 64
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
+    # The fused kernel is several times faster than the per-tensor loop, on CPU too; the optimiser step
+    # is a cost every keep ratio pays, so a slow one would hide what dropping tokens saves.
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+
+
+class PatchSelectEnv(gym.Env):
+    """Pick the patches a ViT trains on, one mini-batch at a time (AgentViT).
+
+    ## Description
+
+    The env owns a SimpleViT (``models.vit.ViT``), its Adam optimiser and a shuffled, augmented
+    training loader. One step trains the ViT for one step on one mini-batch, keeping only the
+    patches the action chooses: dropped tokens are removed by a gather right after the position
+    embedding, so every block is cheaper (``info["macs_per_image"]``). The agent's task is to keep
+    few patches (near ``target_keep``) while the ViT's loss keeps falling.
+
+    ## Action Space
+
+    * ``action_mode="ratio"`` (default): ``Discrete(len(keep_ratios))``. Action ``i`` keeps
+      ``k = max(1, round(keep_ratios[i] * N))`` patches of every image: each image its own top-k by
+      the scores the observation is made of (its attention scores with ``state="attention"``).
+    * ``action_mode="mask"``: ``MultiBinary(N)``, one keep-mask for the whole batch as in AgentViT;
+      a mask that keeps nothing is an error.
+
+    An action outside the space raises ``ValueError`` before anything is trained.
+
+    ## Observation Space
+
+    ``Box(shape=(N,), float32)``, N = ``(image_size / patch_size)**2`` patches, row-major. For the batch
+    the next action applies to, block ``state_layer`` (default 0) is run on all patches under
+    ``no_grad``, and the observation is the batch mean of
+
+    * ``state="attention"`` (default): the softmax attention each patch receives, averaged over heads
+      and query tokens (the CLS query's row when the ViT has a CLS token); bounds ``[0, 1]``, sums to
+      about 1;
+    * ``state="agentvit"``: AgentViT's own state, the channel mean of that block's attention
+      sub-layer output; unbounded.
+
+    ## Rewards
+
+    AgentViT's reward ``loss_weight * L_ref / L_t - patch_weight * |z - z*| / z*``, with ``L_t`` the
+    training loss of this step, ``L_ref`` the loss of the run's first rewarded step, ``z = N - kept``
+    the dropped patches and ``z* = N - target_keep``. During warm-up the reward is 0.
+
+    ## Starting State
+
+    ``reset(seed=s)`` starts a new training run: a fresh ViT initialised from ``s``, a new optimiser,
+    epoch 0, the data order reseeded. ``reset()`` without a seed moves on to the next epoch of the
+    current run and keeps the ViT (what SB3 does between episodes after its first, seeded reset).
+    The first reset always starts a run.
+
+    Warm-up: during the first ``warmup_epochs`` epochs the ViT trains on all patches, the action is
+    validated but ignored, the reward is 0 and ``info["warmup"]`` is True.
+
+    ## Episode End
+
+    An episode is one epoch over the training split (last incomplete batch dropped):
+    ``truncated=True`` after its last batch; the env never terminates. The observation returned
+    then scores the last batch again, with the updated ViT. Call ``reset()`` to go on.
+
+    ## Info
+
+    ``loss``, ``kept`` (patches per image), ``macs_per_image`` (the training forward, counted like
+    ``ViT.analytic_macs``), ``state_macs_per_image`` (the scoring pass), ``epoch``, ``step``,
+    ``warmup``, ``reward_loss`` and ``reward_patch`` (the two reward terms) and, when
+    ``info_timings`` is True, ``step_seconds`` (wall time of the training step: forward, backward,
+    optimiser). Timings differ between otherwise identical runs, so Gymnasium's determinism checker,
+    which compares ``info`` exactly, needs ``info_timings=False``.
+
+    Evaluation: ``evaluate(select_fn, split="val")`` measures accuracy, MACs and throughput of the
+    current ViT with patches chosen by ``select_fn(scores) -> indices`` (or all), and
+    ``evaluate_policy(agent, split="val")`` with an agent's choices, on data the ViT never trained on.
+
+    ## Arguments
+
+    Args:
+        dataset: Dataset name for ``envs.data.load_dataset`` (``digits``, ``synthetic``, ``cifar10``,
+            ``fashion_mnist``, ``imagenette``, ...).
+        data_root: Folder of real datasets.
+        image_size: Resize images to this size (default: the dataset's own).
+        patch_size: Patch side; must divide the image size.
+        dim: ViT token width.
+        depth: ViT blocks.
+        heads: Attention heads.
+        mlp_dim: Block MLP width.
+        batch_size: Training mini-batch (one step).
+        learning_rate: Adam learning rate of the ViT.
+        action_mode: ``"ratio"`` or ``"mask"``.
+        keep_ratios: Keep fractions in ``(0, 1]`` of the ``"ratio"`` actions.
+        target_keep: Patches the reward aims for, in ``[1, N - 1]`` (default ``round(30 / 64 * N)``).
+        loss_weight: Weight of the loss term.
+        patch_weight: Weight of the patch-count term.
+        state: ``"attention"`` or ``"agentvit"``.
+        state_layer: Block whose attention makes the observation.
+        warmup_epochs: Epochs trained on all patches first, reward 0.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        dim_head: Width of one attention head (AgentViT: 64).
+        cls_token: Give the ViT a CLS token (always kept).
+        augment: Random crop + flip on training batches.
+        train_size: Use at most this many training images (before the validation hold-out).
+        val_size: Fraction or count of training images held out for validation.
+        download: Let torchvision download a missing real dataset.
+        info_timings: Put ``step_seconds`` in ``info``.
+        data: A ready ``DatasetSplits`` (tests, custom data); overrides ``dataset``.
+        render_mode: Not supported; must be None.
+
+    Raises:
+        ValueError: A patch size that does not divide the image, ``keep_ratios`` outside ``(0, 1]``,
+            an unknown mode, or a ``target_keep`` outside ``[1, N - 1]``.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        data_root: str | None = None,
+        image_size: int | None = None,
+        patch_size: int = 4,
+        dim: int = 128,
+        depth: int = 6,
+        heads: int = 16,
+        mlp_dim: int = 512,
+        batch_size: int = 128,
+        learning_rate: float = 1e-3,
+        action_mode: str = "ratio",
+        keep_ratios: Sequence[float] = DEFAULT_KEEP_RATIOS,
+        target_keep: int | None = None,
+        loss_weight: float = 1.0,
+        patch_weight: float = 20.0,
+        state: str = "attention",
+        state_layer: int = 0,
+        warmup_epochs: int = 1,
+        device: str | torch.device = "auto",
+        *,
+        dim_head: int = 64,
+        cls_token: bool = False,
+        augment: bool = True,
+        train_size: int | None = None,
+        val_size: float | int = 0.1,
+        download: bool = False,
+        info_timings: bool = True,
+        data: DatasetSplits | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        if render_mode is not None:
+            raise ValueError(f"PatchSelectEnv does not render; render_mode must be None, got {render_mode!r}")
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        ratios = tuple(float(r) for r in keep_ratios)
+        if not ratios or any(not (0.0 < r <= 1.0) for r in ratios):
+            raise ValueError(
+                f"keep_ratios must be a non-empty sequence of values in (0, 1], got {keep_ratios!r}"
+            )
+        if batch_size < 1 or warmup_epochs < 0 or learning_rate <= 0:
+            raise ValueError("batch_size must be >= 1, warmup_epochs >= 0 and learning_rate > 0")
+        if not 0 <= state_layer < depth:
+            raise ValueError(f"state_layer must be in [0, depth={depth}), got {state_layer}")
+
+        if data is None:
+            data = load_dataset(
+                dataset,
+                data_root,
+                val_size=val_size,
+                download=download,
+                image_size=image_size,
+                train_size=train_size,
+            )
+        size = data.image_size
+        if image_size is not None and image_size != size:
+            raise ValueError(f"image_size={image_size} but the data has {size}x{size} images")
+        if patch_size < 1 or size % patch_size != 0:
+            raise ValueError(f"patch_size {patch_size} does not divide the image size {size}")
+        if len(data.train_y) < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(data.train_y)} training images")
+        n = (size // patch_size) ** 2
+        if target_keep is None:
+            target_keep = min(max(int(round(TARGET_KEEP_FRACTION * n)), 1), n - 1)
+        if not 1 <= target_keep <= n - 1:
+            raise ValueError(f"target_keep must be in [1, N - 1] = [1, {n - 1}], got {target_keep}")
+
+        self.data = data
+        self.num_patches = n
+        self.batch_size = batch_size
+        self.learning_rate = float(learning_rate)
+        self.action_mode = action_mode
+        self.keep_ratios = ratios
+        self.keep_counts = tuple(min(max(int(round(r * n)), 1), n) for r in ratios)
+        self.target_keep = int(target_keep)
+        self.loss_weight = float(loss_weight)
+        self.patch_weight = float(patch_weight)
+        self.state = state
+        self.state_layer = state_layer
+        self.warmup_epochs = warmup_epochs
+        self.augment = augment
+        self.info_timings = info_timings
+        self.device = _resolve_device(device)
+        self.render_mode = render_mode
+        self._vit_kwargs = dict(
+            num_classes=data.num_classes,
+            in_chans=data.in_chans,
+            image_size=size,
+            patch_size=patch_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            dim_head=dim_head,
+            cls_token=cls_token,
+        )
+
+        if action_mode == "ratio":
+            self.action_space: spaces.Space = spaces.Discrete(len(ratios))
+        else:
+            self.action_space = spaces.MultiBinary(n)
+        low, high = (0.0, 1.0) if state == "attention" else (-np.inf, np.inf)
+        self.observation_space = spaces.Box(low=low, high=high, shape=(n,), dtype=np.float32)
+
+        self._loader = BatchLoader(
+            data.train_x,
+            data.train_y,
+            data,
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            drop_last=True,
+            device=self.device,
+        )
+        # A ViT exists from the start (seed 0) so `vit`, `evaluate` and `save` work before any reset;
+        # the first reset always starts a fresh run.
+        self._vit = self._build_vit(0)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._run_started = False
+        self._epoch = 0
+        self._step = 0
+        self._loss_ref: float | None = None
+        self._iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scores: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def vit(self) -> ViT:
+        """The ViT being trained."""
+        return self._vit
+
+    @property
+    def epoch(self) -> int:
+        """Current epoch of the training run (0-based)."""
+        return self._epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one episode (full training batches per epoch)."""
+        return len(self._loader)
+
+    @property
+    def state_macs_per_image(self) -> int:
+        """MACs per image of the scoring pass that makes the observation."""
+        return self._vit.analytic_score_macs(self.state_layer)
+
+    # ------------------------------------------------------------------- gym API
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        if seed is not None or not self._run_started:
+            self._new_run()
+        else:
+            self._epoch += 1
+        self._step = 0
+        self._iter = iter(self._loader)
+        self._batch = next(self._iter)
+        self._scores = self._score(self._batch[0])
+        info = {"epoch": self._epoch, "warmup": self._epoch < self.warmup_epochs}
+        return self._observation(), info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        if self._batch is None or self._scores is None:
+            raise RuntimeError("call reset() before step() (and after an episode ends)")
+        # Parse first: a bad action must leave the ViT and the data stream untouched.
+        keep = self._action_to_keep(action, self._scores)
+        warmup = self._epoch < self.warmup_epochs
+        if warmup:
+            keep = None
+        kept = self.num_patches if keep is None else int(keep.shape[-1])
+
+        x, y = self._batch
+        vit, opt = self._vit, self._optimizer
+        assert opt is not None
+        vit.train()
+        _sync(self.device)
+        start = time.perf_counter()
+        loss = F.cross_entropy(vit(x, keep=keep), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.item())
+        _sync(self.device)
+        step_seconds = time.perf_counter() - start
+        if not math.isfinite(loss_value):
+            logger.warning(
+                "non-finite ViT training loss %s at epoch %d step %d", loss_value, self._epoch, self._step
+            )
+
+        reward_loss = reward_patch = 0.0
+        if not warmup:
+            if self._loss_ref is None:
+                self._loss_ref = loss_value
+            reward_loss = self.loss_weight * self._loss_ref / max(loss_value, 1e-8)
+            z, z_star = self.num_patches - kept, self.num_patches - self.target_keep
+            reward_patch = -self.patch_weight * abs(z - z_star) / z_star
+        reward = reward_loss + reward_patch
+
+        self._step += 1
+        truncated = False
+        try:
+            self._batch = next(self._iter)  # type: ignore[arg-type]
+            self._scores = self._score(self._batch[0])
+        except StopIteration:
+            # End of the epoch: show the last batch again, as the updated ViT sees it.
+            truncated = True
+            self._scores = self._score(x)
+            self._batch = None
+        obs = self._observation()
+        if truncated:
+            self._scores = None
+
+        info: dict[str, Any] = {
+            "loss": loss_value,
+            "kept": kept,
+            "macs_per_image": vit.analytic_macs(kept),
+            "state_macs_per_image": self.state_macs_per_image,
+            "epoch": self._epoch,
+            "step": self._step,
+            "warmup": warmup,
+            "reward_loss": reward_loss,
+            "reward_patch": reward_patch,
+        }
+        if self.info_timings:
+            info["step_seconds"] = step_seconds
+        return obs, float(reward), False, truncated, info
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(
+        self,
+        select_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        split: str = "val",
+        batch_size: int = 256,
+    ) -> dict[str, float]:
+        """Accuracy, cost and speed of the current ViT with patches chosen by ``select_fn``.
+
+        Args:
+            select_fn: ``scores (B, N) -> kept indices (B, k) or (k,)``, scores as in the observation
+                (per image); e.g. ``functools.partial(models.vit.select_topk, k=30)``. None keeps all
+                patches and skips the scoring pass.
+            split: ``"val"`` (default, never trained on) or ``"test"``/``"train"``.
+            batch_size: Evaluation batch size.
+
+        Returns:
+            ``accuracy`` in [0, 1], ``macs_per_image`` (forward, mean over images),
+            ``score_macs_per_image`` (scoring pass, 0 without ``select_fn``), ``images_per_second``
+            (scoring + forward) and ``kept_patches`` (mean per image).
+        """
+
+        def choose(scores: torch.Tensor) -> torch.Tensor:
+            assert select_fn is not None
+            return select_fn(scores)
+
+        return self._evaluate(choose if select_fn is not None else None, split, batch_size)
+
+    @torch.no_grad()
+    def evaluate_policy(
+        self, policy: Any, split: str = "val", deterministic: bool = True, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """Like ``evaluate`` with the patches an agent chooses, batch by batch, as ``step`` applies them.
+
+        Args:
+            policy: An object with SB3's ``predict(obs, deterministic=...)`` or a callable ``obs -> action``.
+            split: Data split (default ``"val"``).
+            deterministic: Passed to ``predict``.
+            batch_size: Images per agent decision (default: the training batch size).
+        """
+
+        def choose(scores: torch.Tensor) -> torch.Tensor:
+            obs = self._observation(scores)
+            if hasattr(policy, "predict"):
+                action = policy.predict(obs, deterministic=deterministic)[0]
+            else:
+                action = policy(obs)
+            keep = self._action_to_keep(action, scores)
+            return keep if keep is not None else torch.arange(self.num_patches, device=scores.device)
+
+        return self._evaluate(choose, split, batch_size or self.batch_size)
+
+    def save(self, path: str, **extra: Any) -> None:
+        """Save the ViT with ``models.save_model`` (state_dict + the spec to rebuild it)."""
+        save_model(self._vit, path, **extra)
+
+    # ------------------------------------------------------------------ helpers
+    def _build_vit(self, seed: int) -> ViT:
+        # Initialise from `seed` without touching the global torch RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            # create_model sets `keepgym_spec`, so `save` writes a file `models.load_model` can rebuild.
+            vit = create_model("vit_cifar", **self._vit_kwargs)
+        return vit.to(self.device)
+
+    def _new_run(self) -> None:
+        vit_seed, data_seed = (int(s) for s in self.np_random.integers(0, 2**62, size=2))
+        self._vit = self._build_vit(vit_seed)
+        self._optimizer = _adam(self._vit, self.learning_rate, self.device)
+        self._loader.generator = torch.Generator().manual_seed(data_seed)
+        self._run_started = True
+        self._epoch = 0
+        self._loss_ref = None
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vit.patch_scores(x, layer=self.state_layer, mode=self.state)
+
+    def _observation(self, scores: torch.Tensor | None = None) -> np.ndarray:
+        scores = self._scores if scores is None else scores
+        assert scores is not None
+        obs = scores.float().mean(dim=0).cpu().numpy().astype(np.float32)
+        if self.state == "attention":
+            obs = np.clip(obs, 0.0, 1.0)  # guard against rounding just outside the bounds
+        return obs
+
+    def _action_to_keep(self, action: Any, scores: torch.Tensor) -> torch.Tensor | None:
+        """Validate ``action``; kept indices ``(B, k)``/``(k,)``, or None for all patches."""
+        n = self.num_patches
+        try:
+            a = np.asarray(action)
+        except Exception as err:  # noqa: BLE001 - anything unconvertible is a bad action
+            raise ValueError(f"invalid action {action!r}") from err
+        if self.action_mode == "ratio":
+            if (
+                a.size != 1
+                or a.ndim > 1
+                or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating))
+            ):
+                raise ValueError(
+                    f"action must be one integer in [0, {len(self.keep_ratios)}), got {action!r}"
+                )
+            value = a.reshape(()).item()
+            if not float(value).is_integer() or not 0 <= int(value) < len(self.keep_ratios):
+                raise ValueError(f"action must be an integer in [0, {len(self.keep_ratios)}), got {action!r}")
+            k = self.keep_counts[int(value)]
+            return None if k == n else select_topk(scores, k)
+        if a.shape != (n,) or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise ValueError(
+                f"action must be a 0/1 mask of shape ({n},), got shape {a.shape} dtype {a.dtype}"
+            )
+        if not np.all((a == 0) | (a == 1)):
+            raise ValueError("mask action must contain only 0 and 1")
+        kept = np.flatnonzero(a)
+        if kept.size == 0:
+            raise ValueError("the mask keeps no patch; keep at least one")
+        return None if kept.size == n else torch.as_tensor(kept, dtype=torch.long, device=scores.device)
+
+    def _evaluate(
+        self, choose: Callable[[torch.Tensor], torch.Tensor] | None, split: str, batch_size: int
+    ) -> dict[str, float]:
+        x_all, y_all = self.data.split(split)
+        loader = BatchLoader(x_all, y_all, self.data, batch_size, shuffle=False, device=self.device)
+        vit = self._vit
+        was_training = vit.training
+        vit.eval()
+        correct = images = 0
+        kept_sum = macs_sum = 0.0
+        seconds = 0.0
+        try:
+            for xb, yb in loader:
+                _sync(self.device)
+                start = time.perf_counter()
+                keep = None
+                if choose is not None:
+                    keep = choose(self._score(xb))
+                logits = vit(xb, keep=keep)
+                _sync(self.device)
+                seconds += time.perf_counter() - start
+                k = self.num_patches if keep is None else int(keep.shape[-1])
+                correct += int((logits.argmax(dim=1) == yb).sum())
+                images += len(yb)
+                kept_sum += k * len(yb)
+                macs_sum += vit.analytic_macs(k) * len(yb)
+        finally:
+            vit.train(was_training)
+        images = max(images, 1)
+        return {
+            "accuracy": correct / images,
+            "macs_per_image": macs_sum / images,
+            "score_macs_per_image": float(self.state_macs_per_image if choose is not None else 0),
+            "images_per_second": images / max(seconds, 1e-12),
+            "kept_patches": kept_sum / images,
+        }
+
+
+def benchmark_vit(
+    keep_fracs: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    batch_size: int = 128,
+    steps: int = 3,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    image_size: int = 32,
+    patch_size: int = 4,
+    seed: int = 0,
+    num_threads: int | None = None,
+    **vit_kwargs: Any,
+) -> list[dict[str, float]]:
+    """Time ViT training steps and inference at several keep fractions, side by side.
+
+    Builds the CIFAR ViT (``models.vit.vit_cifar``; ``vit_kwargs`` override it), random images and
+    labels, and for each of ``steps`` rounds times one Adam training step and one ``no_grad``
+    forward per keep fraction in turn, so drifts in machine load hit every fraction alike. Kept
+    patches are a random ``k = round(frac * N)`` per image. Medians are reported.
+
+    Args:
+        keep_fracs: Fractions of the N patches kept; the first is the reference for the speed-ups
+            (put 1.0 first).
+        batch_size: Images per step.
+        steps: Timed rounds.
+        warmup: Untimed rounds first.
+        device: Where to run.
+        image_size: Input size.
+        patch_size: Patch size.
+        seed: Seeds weights, data and patch choice.
+        num_threads: CPU threads for torch during the benchmark (default: leave as set). On a shared
+            machine, 1 thread gives steadier ratios: a multi-threaded op waits for its slowest thread.
+        **vit_kwargs: Overrides for ``vit_cifar`` (``dim``, ``depth``, ...).
+
+    Returns:
+        One dict per fraction: ``keep_frac``, ``kept``, ``macs_per_image``, ``train_step_seconds``,
+        ``train_speedup``, ``images_per_second``, ``inference_speedup``.
+    """
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _benchmark_vit(
+            keep_fracs,
+            batch_size,
+            steps,
+            warmup,
+            _resolve_device(device),
+            image_size,
+            patch_size,
+            seed,
+            vit_kwargs,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _benchmark_vit(
+    keep_fracs: Sequence[float],
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dev: torch.device,
+    image_size: int,
+    patch_size: int,
+    seed: int,
+    vit_kwargs: dict[str, Any],
+) -> list[dict[str, float]]:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = vit_cifar(image_size=image_size, patch_size=patch_size, **vit_kwargs).to(dev)
+    opt = _adam(vit, 1e-3, dev)
+    x = torch.randn(batch_size, vit.in_chans, image_size, image_size, generator=gen).to(dev)
+    y = torch.randint(0, vit.num_classes, (batch_size,), generator=gen).to(dev)
+    n = vit.num_patches
+    ks = [min(max(int(round(f * n)), 1), n) for f in keep_fracs]
+    keeps = [None if k == n else select_random_k(torch.zeros(batch_size, n), k, gen).to(dev) for k in ks]
+    train_t: list[list[float]] = [[] for _ in ks]
+    infer_t: list[list[float]] = [[] for _ in ks]
+    for rnd in range(warmup + steps):
+        for i, keep in enumerate(keeps):
+            vit.train()
+            _sync(dev)
+            start = time.perf_counter()
+            loss = F.cross_entropy(vit(x, keep=keep), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(dev)
+            t_train = time.perf_counter() - start
+            vit.eval()
+            with torch.no_grad():
+                start = time.perf_counter()
+                vit(x, keep=keep)
+                _sync(dev)
+                t_infer = time.perf_counter() - start
+            if rnd >= warmup:
+                train_t[i].append(t_train)
+                infer_t[i].append(t_infer)
+    rows = []
+    for f, k, tt, ti in zip(keep_fracs, ks, train_t, infer_t, strict=True):
+        rows.append(
+            {
+                "keep_frac": float(f),
+                "kept": k,
+                "macs_per_image": vit.analytic_macs(k),
+                "train_step_seconds": float(np.median(tt)),
+                "images_per_second": batch_size / float(np.median(ti)),
+            }
+        )
+    for row in rows:
+        row["train_speedup"] = rows[0]["train_step_seconds"] / row["train_step_seconds"]
+        row["inference_speedup"] = row["images_per_second"] / rows[0]["images_per_second"]
+        logger.info("benchmark_vit %s", row)
+    return rows

@@ -1,0 +1,979 @@
+"""PruneEnv: RL-Pruner's staged structured channel pruning as a Gymnasium environment.
+
+RL-Pruner (Wang et al., "RL-Pruner: Structured Pruning Using Reinforcement Learning for CNN
+Compression and Acceleration", arXiv 2411.06463) prunes a trained CNN in stages: each stage removes
+a fixed budget of channels, split over the layers by a learned distribution, keeps the channels
+with the highest Taylor importance and optionally recovers accuracy by knowledge distillation.
+Here one episode is one compression run and one step is one stage; the action is the split of the
+stage's budget over the model's coupling groups (found by Torch-Pruning's dependency graph, see
+:mod:`envs.pruning`). :meth:`PruneEnv.evaluate` scores a candidate split without committing it, which
+is what RL-Pruner's search (``agents.RLPruner``) does many times per stage.
+
+:func:`profile_evaluate` splits the wall time of one candidate evaluation into importance /
+masking / evaluation / pure forward (``keepgym bench prune-step``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gymnasium import spaces
+
+from envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
+from envs.distill import distill
+from envs.pruning import CRITERIA, GroupPruner, count_macs_params
+
+__all__ = [
+    "PruneEnv",
+    "WallTimes",
+    "default_checkpoint_path",
+    "profile_evaluate",
+    "register_evaluate_backend",
+]
+
+logger = logging.getLogger(__name__)
+
+# Datasets a baseline can be trained for on the fly (no download, a few CPU minutes at most).
+_OFFLINE_DATASETS = ("digits", "synthetic")
+
+
+# --------------------------------------------------------------------------- helpers
+def _cache_root() -> Path:
+    return Path(os.environ.get("KEEPGYM_CACHE", Path.home() / ".cache" / "keepgym"))
+
+
+def default_checkpoint_path(model_name: str, dataset: str, width_mult: float = 1.0) -> Path:
+    """Where a baseline is looked for when no ``checkpoint`` is given.
+
+    ``$KEEPGYM_CACHE`` (default ``~/.cache/keepgym``) ``/checkpoints/<model>_<dataset>[_w<width>]/model.pt``
+    -- the ``model.pt`` that ``keepgym train --out <that folder>`` writes.
+    """
+    tag = f"{model_name}_{dataset}" + ("" if width_mult == 1.0 else f"_w{width_mult:g}")
+    return _cache_root() / "checkpoints" / tag / "model.pt"
+
+
+def _train_command(model_name: str, dataset: str, width_mult: float, path: Path) -> str:
+    width = "" if width_mult == 1.0 else f" --width-mult {width_mult:g}"
+    return f"keepgym train --model {model_name} --dataset {dataset}{width} --out {path.parent}"
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data(
+    name: str, data_root: str | None, val_size: float | int, download: bool, train_size: int | None
+) -> DatasetSplits:
+    # Datasets are read-only here, so a few recent ones are shared between envs of one process.
+    return load_dataset(name, data_root, val_size=val_size, seed=0, download=download, train_size=train_size)
+
+
+def _train_baseline(
+    model: nn.Module, data: DatasetSplits, epochs: int, device: torch.device, seed: int = 0
+) -> float:
+    """A few epochs of SGD (nesterov, cosine) on the train split; returns validation accuracy."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = BatchLoader(
+        data.train_x,
+        data.train_y,
+        data,
+        64,
+        shuffle=True,
+        augment=False,
+        drop_last=True,
+        device=device,
+        generator=generator,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                if not torch.isfinite(loss):
+                    raise RuntimeError("baseline training diverged (non-finite loss)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    model.eval()
+    x = data.normalize(data.val_x.to(device))
+    return _accuracy(model, x, data.val_y.to(device), 256)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on normalised ``x``."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
+    return correct / max(1, len(y))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(eq=False)
+class WallTimes:
+    """Wall-clock seconds spent in the parts of a step / evaluation.
+
+    Two ``WallTimes`` always compare equal: timings are not part of the env's outcome, so two
+    same-seed rollouts (and Gymnasium's determinism checks on ``info``) still match.
+    """
+
+    importance_s: float = 0.0
+    surgery_s: float = 0.0
+    finetune_s: float = 0.0
+    eval_s: float = 0.0
+    total_s: float = 0.0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WallTimes)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain ``{name: seconds}`` for logging."""
+        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
+
+
+def _serial_backend(
+    env: PruneEnv, actions: list[np.ndarray], workers: int | None
+) -> list[tuple[float, dict]]:
+    return [env.evaluate(a) for a in actions]
+
+
+# name -> fn(env, validated actions, workers) -> [(reward, info)]; "ray" is registered by its module.
+_EVALUATE_BACKENDS: dict[
+    str, Callable[[PruneEnv, list[np.ndarray], int | None], list[tuple[float, dict]]]
+] = {
+    "serial": _serial_backend,
+}
+
+
+def register_evaluate_backend(
+    name: str, fn: Callable[[PruneEnv, list[np.ndarray], int | None], list[tuple[float, dict]]]
+) -> None:
+    """Make ``PruneEnv.evaluate_many(actions, backend=name)`` dispatch to ``fn(env, actions, workers)``.
+
+    ``fn`` receives already validated float64 actions and must return one ``(reward, info)`` per
+    action, in order, leaving ``env`` unchanged (e.g. a Ray ``ActorPool`` of env copies).
+    """
+    _EVALUATE_BACKENDS[name] = fn
+
+
+# --------------------------------------------------------------------------- the env
+class PruneEnv(gym.Env):
+    """Prune a trained CNN in stages; the agent splits each stage's channel budget over the layers.
+
+    ## Description
+
+    One episode is one compression run of RL-Pruner (arXiv 2411.06463): start from a trained model and
+    remove channels in stages until ``target_sparsity`` of them are gone; one step is one stage.
+    Channels that must be pruned together (residual adds, concatenations in GoogLeNet/DenseNet,
+    squeeze-excite gates and depthwise convs in MobileNetV3) form one of ``G`` *coupling groups*,
+    built by Torch-Pruning's dependency graph. The classifier's outputs are never pruned.
+
+    *Channel count.* ``N0`` is the total number of channels of the G groups of the original model,
+    and each stage removes ``M = round(stage_sparsity * N0)`` of them (fewer in the last stage). A
+    channel of a coupled group shared by ``k`` conv/linear layers counts **once**: it is one decision
+    and one action dimension. (RL-Pruner's code counts it ``k`` times, one per layer; that figure is
+    reported as ``info["layer_sparsity"]``. The two agree for VGG, GoogLeNet and DenseNet, where every
+    group has one producing layer.)
+
+    Inside a group the channels with the lowest importance go: Taylor ``|w * dL/dw|`` summed over
+    every parameter slice the channel owns (producers' filters, biases, batch-norm affine parameters
+    and consumers' input slices), from ``calibration_size`` training images with the model in eval
+    mode (batch-norm statistics untouched), computed once per stage. ``l1``, ``l2`` and ``random``
+    are the alternatives. After the surgery, ``finetune_steps`` knowledge-distillation steps
+    (:func:`envs.distill.distill`, teacher = the original model) can recover accuracy.
+
+    ``evaluate(action)`` scores a candidate stage without committing it: it zeroes in place the
+    parameters the allocation would remove, evaluates, and restores them bit for bit, so candidates
+    cost one forward pass over the validation images and no surgery; their MACs/params come from a
+    closed form (:class:`envs.pruning.CostModel`). ``evaluate_many`` scores a list.
+
+    ## Action Space
+
+    ``Box(0, 1, (G,), float32)``: non-negative weights over the groups, normalised inside to a
+    distribution ``p``; group ``g`` is asked for ``p_g * M`` channels (largest-remainder rounding; a
+    group never drops below ``min_channels``, and what it cannot give is redistributed to the other
+    groups in proportion to their weights). All zeros means uniform. Negative entries are clipped to
+    0; NaN/inf, a wrong shape or an all-negative action raise ``ValueError`` and leave the env as it
+    was. With ``round_to > 1`` group widths stay multiples of ``round_to`` and the stage total is
+    ``M`` rounded to whole multiples.
+
+    ## Observation Space
+
+    ``Box(0, 1, (G + 4,), float32)``: the sparsity ``1 - width/initial width`` of each group, then
+    the overall channel sparsity, the MACs ratio ``F/F0``, the parameter ratio ``P/P0`` and the last
+    validation accuracy.
+
+    ## Rewards
+
+    ``accuracy + alpha * (1 - F/F0) + beta * (1 - P/P0)``, accuracy in [0, 1] on the validation
+    split held out from the training data (never the test split), measured after fine-tuning when
+    ``finetune_steps > 0``. ``alpha = beta = 0`` by default (RL-Pruner's accuracy-only reward).
+
+    ## Starting State
+
+    The original trained model (restored from a kept state dict on every reset). ``reset(seed=s)``
+    reseeds the calibration-batch and validation-subset sampling, so the same seed and actions give
+    the same rewards.
+
+    ## Episode End
+
+    ``terminated`` once ``round(target_sparsity * N0)`` channels are removed (after
+    :attr:`num_stages` steps) or no group can give a channel any more. Never truncated.
+
+    ## Arguments
+
+    * ``model_name``: a ``models.create_model`` name (``vgg19``, ``resnet56``, ``googlenet``,
+      ``mobilenetv3_large``, ``densenet121``, ``vgg11``, ...).
+    * ``dataset`` / ``data_root`` / ``download`` / ``val_size`` / ``train_size``: passed to
+      :func:`envs.data.load_dataset` (split seed 0, as ``keepgym train`` uses, so the validation
+      images were never trained on). ``eval_size``: score on this many validation images (a
+      seeded subset; None = all).
+    * ``checkpoint``: a ``models.save_model`` file. Without it and with ``pretrained=True`` the
+      baseline is read from :func:`default_checkpoint_path`; for ``digits``/``synthetic`` it is
+      trained (``baseline_epochs``) and cached there on first use, for other datasets a
+      ``FileNotFoundError`` prints the ``keepgym train`` command that makes it.
+      ``pretrained=False``: a randomly initialised model (smoke tests only).
+    * ``width_mult``: channel multiplier of the model (tiny models for tests).
+    * ``target_sparsity`` (0.6), ``stage_sparsity`` (0.05): fractions of ``N0``.
+    * ``criterion``: ``taylor`` | ``l1`` | ``l2`` | ``random``; ``calibration_size``: Taylor images.
+    * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
+    * ``finetune_steps``: KD steps after each stage (0); ``finetune_lr``, ``kd_temperature``,
+      ``kd_weight``: its settings.
+    * ``min_channels`` (1), ``round_to`` (1): width floor and multiple per group.
+    * ``batch_size``: evaluation and fine-tuning batch size. ``device``: ``cpu`` / ``cuda`` / ``auto``.
+    * ``model``, ``data``: inject a model / :class:`envs.data.DatasetSplits` instead (tests).
+    * ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the stage).
+
+    ## Version History
+
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        model_name: str = "vgg11",
+        dataset: str = "digits",
+        data_root: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        pretrained: bool = True,
+        width_mult: float = 1.0,
+        target_sparsity: float = 0.6,
+        stage_sparsity: float = 0.05,
+        criterion: str = "taylor",
+        alpha: float = 0.0,
+        beta: float = 0.0,
+        finetune_steps: int = 0,
+        val_size: float | int = 0.1,
+        eval_size: int | None = None,
+        calibration_size: int = 128,
+        min_channels: int = 1,
+        round_to: int = 1,
+        batch_size: int = 256,
+        device: str = "cpu",
+        render_mode: str | None = None,
+        model: nn.Module | None = None,
+        data: DatasetSplits | None = None,
+        train_size: int | None = None,
+        download: bool = False,
+        baseline_epochs: int = 10,
+        finetune_lr: float = 1e-3,
+        kd_temperature: float = 2.0,
+        kd_weight: float = 0.75,
+    ) -> None:
+        super().__init__()
+        self._validate_args(
+            dataset,
+            target_sparsity,
+            stage_sparsity,
+            criterion,
+            alpha,
+            beta,
+            finetune_steps,
+            eval_size,
+            calibration_size,
+            min_channels,
+            round_to,
+            batch_size,
+            render_mode,
+            width_mult,
+            data,
+            baseline_epochs,
+            finetune_lr,
+            kd_temperature,
+            kd_weight,
+        )
+        self.model_name = model_name
+        self.dataset = dataset
+        self.target_sparsity = float(target_sparsity)
+        self.stage_sparsity = float(stage_sparsity)
+        self.criterion = criterion
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.finetune_steps = int(finetune_steps)
+        self.eval_size = eval_size
+        self.calibration_size = int(calibration_size)
+        self.min_channels = int(min_channels)
+        self.round_to = int(round_to)
+        self.batch_size = int(batch_size)
+        self.render_mode = render_mode
+        self.finetune_lr = float(finetune_lr)
+        self.kd_temperature = float(kd_temperature)
+        self.kd_weight = float(kd_weight)
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+
+        if model is None:
+            from models import list_models
+
+            if model_name not in list_models():
+                raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(list_models())}")
+        if model is None and checkpoint is None and pretrained and dataset not in _OFFLINE_DATASETS:
+            path = default_checkpoint_path(model_name, dataset, width_mult)
+            if not path.is_file():  # before loading the data, which may be missing too
+                raise FileNotFoundError(
+                    f"no trained {model_name} for {dataset} at {path}. Train it with:\n"
+                    f"    {_train_command(model_name, dataset, width_mult, path)}\n"
+                    f"or pass checkpoint=PATH (or pretrained=False for a random model)"
+                )
+        if data is None:
+            data = _load_data(
+                dataset, None if data_root is None else str(data_root), val_size, download, train_size
+            )
+        self.data = data
+        teacher = self._build_model(model, model_name, checkpoint, pretrained, width_mult, baseline_epochs)
+        classifier = _classifier(teacher)
+        if classifier.out_features != data.num_classes:
+            raise ValueError(
+                f"the model has {classifier.out_features} outputs, "
+                f"but {data.name} has {data.num_classes} classes"
+            )
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self._original_state = {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+        self.input_size = (1, data.in_chans, data.image_size, data.image_size)
+
+        self.model: nn.Module = self._fresh_model()
+        self._pruner = self._make_pruner(self.model)
+        self._pristine = True
+        self.initial_group_widths = self._pruner.widths.copy()
+        self._layer_counts = self._pruner.layer_counts
+        self.num_groups = len(self.initial_group_widths)
+        if self.num_groups == 0:
+            raise ValueError(f"{model_name} has no prunable channel group")
+        self.macs0, self.params0 = count_macs_params(self.model, self.input_size)
+        self.n0 = int(self.initial_group_widths.sum())
+        self.stage_size = max(1, int(round(self.stage_sparsity * self.n0)))
+        self.target_channels = max(1, int(round(self.target_sparsity * self.n0)))
+        capacity = int(self._capacity(self.initial_group_widths).sum())
+        if self.target_channels > capacity:
+            raise ValueError(
+                f"target_sparsity={target_sparsity} asks for {self.target_channels} of {self.n0} channels, "
+                f"but min_channels={min_channels}/round_to={round_to} leave only {capacity} removable"
+            )
+        self.num_stages = math.ceil(self.target_channels / self.stage_size)
+
+        g = self.num_groups
+        self.observation_space = spaces.Box(0.0, 1.0, (g + 4,), dtype=np.float32)
+        self.action_space = spaces.Box(0.0, 1.0, (g,), dtype=np.float32)
+
+        self._started = False
+        self._reset_state()
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _validate_args(
+        dataset,
+        target_sparsity,
+        stage_sparsity,
+        criterion,
+        alpha,
+        beta,
+        finetune_steps,
+        eval_size,
+        calibration_size,
+        min_channels,
+        round_to,
+        batch_size,
+        render_mode,
+        width_mult,
+        data,
+        baseline_epochs,
+        finetune_lr,
+        kd_temperature,
+        kd_weight,
+    ) -> None:
+        checks = [
+            (
+                data is not None or dataset in DATASETS,
+                f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}",
+            ),
+            (0.0 < target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {target_sparsity}"),
+            (
+                0.0 < stage_sparsity <= target_sparsity,
+                f"stage_sparsity must be in (0, target_sparsity={target_sparsity}], got {stage_sparsity}",
+            ),
+            (criterion in CRITERIA, f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}"),
+            (math.isfinite(alpha) and math.isfinite(beta), "alpha and beta must be finite"),
+            (
+                int(finetune_steps) == finetune_steps and finetune_steps >= 0,
+                f"finetune_steps must be an int >= 0, got {finetune_steps}",
+            ),
+            (eval_size is None or eval_size >= 1, f"eval_size must be >= 1 or None, got {eval_size}"),
+            (calibration_size >= 1, f"calibration_size must be >= 1, got {calibration_size}"),
+            (min_channels >= 1, f"min_channels must be >= 1, got {min_channels}"),
+            (round_to >= 1, f"round_to must be >= 1, got {round_to}"),
+            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+            (
+                render_mode is None or render_mode in PruneEnv.metadata["render_modes"],
+                f"render_mode must be None or 'ansi', got {render_mode!r}",
+            ),
+            (width_mult > 0, f"width_mult must be > 0, got {width_mult}"),
+            (baseline_epochs >= 1, f"baseline_epochs must be >= 1, got {baseline_epochs}"),
+            (finetune_lr > 0, f"finetune_lr must be > 0, got {finetune_lr}"),
+            (kd_temperature > 0, f"kd_temperature must be > 0, got {kd_temperature}"),
+            (0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def _build_model(
+        self, model, model_name, checkpoint, pretrained, width_mult, baseline_epochs
+    ) -> nn.Module:
+        import models
+
+        if model is not None:
+            return copy.deepcopy(model)
+        if checkpoint is not None:
+            path = Path(checkpoint).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint {path} does not exist")
+            return models.load_model(path, map_location="cpu")
+        data = self.data
+        if not pretrained:
+            # fixed init seed, so two envs built alike are identical
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return models.create_model(model_name, data.num_classes, width_mult, data.in_chans)
+        path = default_checkpoint_path(model_name, self.dataset, width_mult)
+        if path.is_file():
+            return models.load_model(path, map_location="cpu")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = models.create_model(model_name, data.num_classes, width_mult, data.in_chans)
+        logger.info(
+            "training a %s baseline on %s for %d epochs (cached at %s)",
+            model_name,
+            self.dataset,
+            baseline_epochs,
+            path,
+        )
+        acc = _train_baseline(model.to(self.device), data, baseline_epochs, self.device)
+        models.save_model(model.cpu(), path, dataset=self.dataset, val_accuracy=acc, epochs=baseline_epochs)
+        return model
+
+    def _fresh_model(self) -> nn.Module:
+        model = copy.deepcopy(self.teacher)
+        model.load_state_dict(self._original_state)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model.eval()
+
+    def _make_pruner(self, model: nn.Module) -> GroupPruner:
+        example = torch.zeros(self.input_size, device=self.device)
+        return GroupPruner(model, example, ignored_layers=[_classifier(model)])
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self.stage = 0
+        self._removed = 0
+        self._scores: list[torch.Tensor] | None = None
+        self._cost = None
+        self._calib: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._terminated = False
+        self.macs, self.params = self.macs0, self.params0
+        self.last_accuracy = 0.0
+
+    @property
+    def group_widths(self) -> np.ndarray:
+        """Current width of every coupling group, ``int64`` array of shape ``(G,)``."""
+        return self._pruner.widths
+
+    @property
+    def groups(self) -> list:
+        """The :class:`envs.pruning.ChannelGroup` objects (root layer, member layers, width)."""
+        return self._pruner.groups
+
+    @property
+    def original_model(self) -> nn.Module:
+        """The unpruned model (the distillation teacher); do not modify it."""
+        return self.teacher
+
+    @property
+    def stage_budget(self) -> int:
+        """Channels the current stage removes (``M``, less in the last stage, 0 once done)."""
+        if self._terminated:
+            return 0
+        return int(min(self.stage_size, self.target_channels - self._removed))
+
+    @property
+    def removed_channels(self) -> int:
+        """Channels removed so far in this episode (group channels)."""
+        return self._removed
+
+    def _min_width(self) -> int:
+        r = self.round_to
+        return r * math.ceil(self.min_channels / r)
+
+    def _capacity(self, widths: np.ndarray) -> np.ndarray:
+        """Removable units per group (channels, or multiples of ``round_to``)."""
+        r, floor = self.round_to, self._min_width()
+        w = np.asarray(widths, dtype=np.int64)
+        if r == 1:
+            return np.maximum(0, w - floor)
+        base = (w // r) * r
+        units = np.maximum(0, (base - floor) // r)
+        # a width that is not a multiple first drops to the multiple below (one unit)
+        return np.where((w % r != 0) & (base >= floor), units + 1, units)
+
+    def prunable_mask(self) -> np.ndarray:
+        """Boolean ``(G,)``: groups that can still give channels above ``min_channels``."""
+        return self._capacity(self.group_widths) > 0
+
+    # ------------------------------------------------------------------ action handling
+    def _check_action(self, action: Any) -> np.ndarray:
+        try:
+            a = np.asarray(action, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"action must be a numeric array of shape ({self.num_groups},)") from exc
+        if a.shape != (self.num_groups,):
+            raise ValueError(f"action must have shape ({self.num_groups},), got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("action contains NaN or inf")
+        if np.all(a < 0):
+            raise ValueError("action is all negative; weights must be >= 0 (all zeros means uniform)")
+        return a
+
+    def allocate(self, action: Any) -> np.ndarray:
+        """Channels each group gives this stage for ``action`` (``int64`` array of shape ``(G,)``).
+
+        The action is normalised to ``p`` (negatives clipped to 0, all zeros = uniform); group ``g``
+        is asked for ``p_g * M``; groups that hit ``min_channels`` give what they can and the rest
+        is spread over the others in proportion to ``p`` (uniformly if they all have ``p = 0``);
+        integers by largest remainder, so the total is ``M`` unless fewer channels are left.
+
+        Raises:
+            ValueError: NaN/inf, wrong shape, all-negative action.
+        """
+        a = np.clip(self._check_action(action), 0.0, None)
+        p = a / a.sum() if a.sum() > 0 else np.full(self.num_groups, 1.0 / self.num_groups)
+        budget = self.stage_budget
+        widths = self.group_widths
+        cap = self._capacity(widths)
+        if budget <= 0:
+            return np.zeros(self.num_groups, dtype=np.int64)
+        r = self.round_to
+        units = _waterfill(p, max(1, int(round(budget / r))) if r > 1 else budget, cap)
+        if r == 1:
+            return units
+        first = np.where(widths % r != 0, widths % r, r)  # the first unit of an off-multiple width is smaller
+        return np.where(units > 0, first + r * (units - 1), 0).astype(np.int64)
+
+    # ------------------------------------------------------------------ stage preparation
+    def _prepare_stage(self) -> float:
+        """Draw the calibration batch, score channels and fix the stage's cost model. Returns seconds."""
+        t0 = time.perf_counter()
+        rng = self.np_random
+        n = len(self.data.train_y)
+        idx = np.sort(rng.choice(n, size=min(self.calibration_size, n), replace=False))
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        x = self.data.normalize(self.data.train_x[idx_t].to(self.device))
+        y = self.data.train_y[idx_t].to(self.device)
+        self._calib = (x, y)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self._scores = self._pruner.importance(self.criterion, x, y, generator, self.batch_size)
+        self._pruner.set_ranking(self._scores)
+        self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def stage_importance(self) -> list[np.ndarray]:
+        """Per-channel importance of every group for this stage, each divided by its group's mean.
+
+        Mean-normalised (Torch-Pruning's default normaliser) so scores can be ranked across groups
+        (e.g. by a global-ranking baseline). Channel ``j`` of group ``g`` is channel ``j`` of its layers.
+        """
+        self._require_started()
+        out = []
+        for s in self._scores:
+            v = s.numpy().astype(np.float64)
+            mean = v.mean()
+            out.append(v / mean if mean > 0 else np.zeros_like(v))
+        return out
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        """Restore the original model (from the kept state dict) and start a new compression run."""
+        super().reset(seed=seed)
+        t0 = time.perf_counter()
+        if not self._pristine:
+            self.model = self._fresh_model()
+            self._pruner = self._make_pruner(self.model)
+            self._pristine = True
+        self._reset_state()
+        rng = self.np_random
+        n_val = len(self.data.val_y)
+        if self.eval_size is not None and self.eval_size < n_val:
+            vidx = torch.as_tensor(
+                np.sort(rng.choice(n_val, size=self.eval_size, replace=False)), dtype=torch.long
+            )
+        else:
+            vidx = torch.arange(n_val)
+        self._val = (
+            self.data.normalize(self.data.val_x[vidx].to(self.device)),
+            self.data.val_y[vidx].to(self.device),
+        )
+        t1 = time.perf_counter()
+        self.last_accuracy = _accuracy(self.model, *self._val, self.batch_size)
+        eval_s = time.perf_counter() - t1
+        importance_s = self._prepare_stage()
+        self._started = True
+        times = WallTimes(importance_s=importance_s, eval_s=eval_s, total_s=time.perf_counter() - t0)
+        return self._obs(), self._info(self.last_accuracy, self.macs, self.params, self.group_widths, times)
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """Prune one stage for real: allocate, remove channels, optionally fine-tune, score."""
+        self._require_started()
+        if self._terminated:
+            raise RuntimeError("the episode is over (target sparsity reached); call reset()")
+        counts = self.allocate(action)  # validates before anything changes
+        t0 = time.perf_counter()
+        predicted = self._cost(self.group_widths - counts)
+        self._pruner.prune(counts)
+        self._pristine = False
+        _sync(self.device)
+        surgery_s = time.perf_counter() - t0
+        finetune_s, acc_before = 0.0, None
+        if self.finetune_steps > 0:
+            t1 = time.perf_counter()
+            acc_before = _accuracy(self.model, *self._val, self.batch_size)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            distill(
+                self.model,
+                self.teacher,
+                self.data,
+                self.finetune_steps,
+                temperature=self.kd_temperature,
+                kd_weight=self.kd_weight,
+                learning_rate=self.finetune_lr,
+                batch_size=self.batch_size,
+                device=self.device,
+                seed=int(self.np_random.integers(2**62)),
+            )
+            finetune_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        acc = _accuracy(self.model, *self._val, self.batch_size)
+        eval_s = time.perf_counter() - t2
+        self.macs, self.params = count_macs_params(self.model, self.input_size)
+        if (self.macs, self.params) != predicted:
+            logger.warning(
+                "closed-form MACs/params %s differ from the counter's %s", predicted, (self.macs, self.params)
+            )
+        self._removed += int(counts.sum())
+        self.stage += 1
+        self.last_accuracy = acc
+        self._terminated = self._removed >= self.target_channels or not self.prunable_mask().any()
+        importance_s = 0.0 if self._terminated else self._prepare_stage()
+        reward = self._reward(acc, self.macs, self.params)
+        times = WallTimes(importance_s, surgery_s, finetune_s, eval_s, time.perf_counter() - t0)
+        info = self._info(acc, self.macs, self.params, self.group_widths, times)
+        info.update(
+            removed=counts.tolist(),
+            closed_form_macs=predicted[0],
+            closed_form_params=predicted[1],
+            accuracy_before_finetune=acc if acc_before is None else acc_before,
+        )
+        return self._obs(), reward, self._terminated, False, info
+
+    def evaluate(self, action: Any) -> tuple[float, dict]:
+        """Score ``action`` as this stage's allocation without committing it.
+
+        The parameters the allocation would remove are zeroed in place, the model is evaluated in
+        eval mode on the validation images and the parameters are restored bit for bit; MACs and
+        params come from the closed form. No random numbers are drawn, so weights, batch-norm
+        buffers, RNG state and observation are exactly as before.
+
+        Returns:
+            ``(reward, info)`` with the same keys as :meth:`step`'s info.
+        """
+        self._require_started()
+        counts = self.allocate(action)
+        t0 = time.perf_counter()
+        with self._pruner.masked(counts):
+            acc = _accuracy(self.model, *self._val, self.batch_size)
+            _sync(self.device)
+        eval_s = time.perf_counter() - t0
+        macs, params = self._cost(self.group_widths - counts)
+        info = self._info(
+            acc,
+            macs,
+            params,
+            self.group_widths - counts,
+            WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0),
+            removed=self._removed + int(counts.sum()),
+        )
+        info.update(removed=counts.tolist(), accuracy_before_finetune=acc)
+        return self._reward(acc, macs, params), info
+
+    def evaluate_many(
+        self, actions: Sequence[Any], backend: str = "serial", workers: int | None = None
+    ) -> list[tuple[float, dict]]:
+        """Score several candidate actions (see :meth:`evaluate`); every action is checked first.
+
+        Args:
+            actions: candidate actions.
+            backend: ``"serial"`` or one added by :func:`register_evaluate_backend`.
+            workers: parallelism hint for the backend.
+        """
+        self._require_started()
+        if backend not in _EVALUATE_BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(sorted(_EVALUATE_BACKENDS))}")
+        checked = [self._check_action(a) for a in actions]
+        return _EVALUATE_BACKENDS[backend](self, checked, workers)
+
+    def render(self) -> str | None:
+        """``"ansi"``: one line per group (layers, width, sparsity) and the totals."""
+        if self.render_mode != "ansi":
+            return None
+        w, w0 = self.group_widths, self.initial_group_widths
+        lines = [
+            f"stage {self.stage}/{self.num_stages}  acc {self.last_accuracy:.4f}  "
+            f"MACs {self.macs / self.macs0:.3f}  params {self.params / self.params0:.3f}  "
+            f"sparsity {self._removed / self.n0:.3f}"
+        ]
+        for g, wi, w0i in zip(self._pruner.groups, w, w0, strict=True):
+            lines.append(f"  [{g.index:3d}] {g.root_name:40s} {wi:5d}/{w0i:<5d} x{len(g.layers)}")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write the current (pruned) model with ``models.save_model`` (state dict + widths)."""
+        from models import save_model
+
+        return save_model(
+            self.model,
+            path,
+            stage=self.stage,
+            sparsity=self._removed / self.n0,
+            val_accuracy=self.last_accuracy,
+            **extra,
+        )
+
+    def snapshot(self) -> dict:
+        """A copy of the episode state (model, counters, RNG) for :meth:`restore`."""
+        self._require_started()
+        return {
+            "model": copy.deepcopy(self.model),
+            "stage": self.stage,
+            "removed": self._removed,
+            "terminated": self._terminated,
+            "macs": self.macs,
+            "params": self.params,
+            "accuracy": self.last_accuracy,
+            "scores": [s.clone() for s in self._scores],
+            "calib": self._calib,
+            "val": self._val,
+            "rng": copy.deepcopy(self.np_random.bit_generator.state),
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Return to a :meth:`snapshot` (rebuilds the dependency graph of the copied model)."""
+        self.model = copy.deepcopy(snap["model"])
+        self._pruner = self._make_pruner(self.model)
+        self._pristine = snap["stage"] == 0 and snap["removed"] == 0
+        self.stage, self._removed, self._terminated = snap["stage"], snap["removed"], snap["terminated"]
+        self.macs, self.params, self.last_accuracy = snap["macs"], snap["params"], snap["accuracy"]
+        self._scores = [s.clone() for s in snap["scores"]]
+        self._calib, self._val = snap["calib"], snap["val"]
+        self.np_random.bit_generator.state = copy.deepcopy(snap["rng"])
+        self._pruner.set_ranking(self._scores)
+        self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
+
+    # ------------------------------------------------------------------ internals
+    def _require_started(self) -> None:
+        if not self._started:
+            raise RuntimeError("call reset() first")
+
+    def _reward(self, acc: float, macs: int, params: int) -> float:
+        return float(acc + self.alpha * (1.0 - macs / self.macs0) + self.beta * (1.0 - params / self.params0))
+
+    def _obs(self) -> np.ndarray:
+        w, w0 = self.group_widths, self.initial_group_widths
+        obs = np.concatenate(
+            [
+                1.0 - w / w0,
+                [
+                    self._removed / self.n0,
+                    self.macs / self.macs0,
+                    self.params / self.params0,
+                    self.last_accuracy,
+                ],
+            ]
+        )
+        return np.clip(obs, 0.0, 1.0).astype(np.float32)
+
+    def _info(
+        self,
+        acc: float,
+        macs: int,
+        params: int,
+        widths: np.ndarray,
+        times: WallTimes,
+        removed: int | None = None,
+    ) -> dict:
+        removed = self._removed if removed is None else removed
+        k, w0 = self._layer_counts, self.initial_group_widths
+        return {
+            "accuracy": float(acc),
+            "macs": int(macs),
+            "params": int(params),
+            "macs_ratio": macs / self.macs0,
+            "params_ratio": params / self.params0,
+            "sparsity": removed / self.n0,
+            "layer_sparsity": float((k * (w0 - widths)).sum() / (k * w0).sum()),
+            "stage": self.stage,
+            "widths": [int(v) for v in widths],
+            "wall_times": times,
+        }
+
+
+def _classifier(model: nn.Module) -> nn.Linear:
+    from models import get_classifier
+
+    return get_classifier(model)
+
+
+def _waterfill(p: np.ndarray, budget: int, cap: np.ndarray) -> np.ndarray:
+    """Split ``budget`` integer units over groups in proportion to ``p`` with per-group caps.
+
+    Real-valued proportional shares are capped and the excess re-split among the uncapped groups
+    (uniformly when they all have zero weight); integers then follow by largest remainder (ties to
+    the lower index). The total is ``min(budget, cap.sum())``.
+    """
+    cap = np.asarray(cap, dtype=np.int64)
+    total = int(min(budget, cap.sum()))
+    x = np.zeros(len(p))
+    remaining = float(total)
+    while remaining > 1e-9:
+        active = x < cap - 1e-12
+        if not active.any():
+            break
+        w = np.where(active, p, 0.0)
+        if w.sum() <= 0:
+            w = active.astype(np.float64)
+        share = w / w.sum() * remaining
+        room = cap - x
+        full = active & (share >= room - 1e-12)
+        if full.any():
+            remaining -= float(room[full].sum())
+            x[full] = cap[full]
+            continue
+        x += share
+        remaining = 0.0
+    n = np.minimum(np.floor(x + 1e-9).astype(np.int64), cap)
+    deficit = total - int(n.sum())
+    frac = x - n
+    while deficit > 0:
+        order = np.argsort(-frac, kind="stable")
+        progressed = False
+        for i in order:
+            if deficit == 0:
+                break
+            if n[i] < cap[i]:
+                n[i] += 1
+                frac[i] -= 1.0
+                deficit -= 1
+                progressed = True
+        if not progressed:
+            break
+    return n
+
+
+def profile_evaluate(env: PruneEnv, action: Any, repeats: int = 3) -> dict[str, float]:
+    """Wall-time breakdown of scoring one candidate with ``env.evaluate`` (median of ``repeats``).
+
+    Returns:
+        ``importance_s``: one importance pass (done once per stage, shared by every candidate);
+        ``surgery_s``: zeroing and restoring the candidate's parameters (the masking overhead);
+        ``eval_s``: a whole ``env.evaluate(action)`` call;
+        ``forward_s``: the forward pass of the physically pruned model over the same images;
+        ``overhead_ratio``: ``(eval_s - forward_s) / forward_s``;
+        ``images``: validation images per evaluation.
+    The env's state is left as it was (the physical copy is a deep copy).
+    """
+    env = env.unwrapped if hasattr(env, "unwrapped") else env
+    env._require_started()
+    counts = env.allocate(action)
+    device = env.device
+
+    def timed(fn: Callable[[], Any]) -> float:
+        out = []
+        for _ in range(max(1, repeats)):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t)
+        return float(np.median(out))
+
+    x, y = env._calib
+    generator = torch.Generator().manual_seed(0)
+    importance_s = timed(lambda: env._pruner.importance(env.criterion, x, y, generator, env.batch_size))
+
+    def mask_only() -> None:
+        with env._pruner.masked(counts):
+            pass
+
+    surgery_s = timed(mask_only)
+    eval_s = timed(lambda: env.evaluate(action))
+    pruned = copy.deepcopy(env.model)
+    pruner = GroupPruner(pruned, torch.zeros(env.input_size, device=device), [_classifier(pruned)])
+    pruner.set_ranking(env._scores)
+    pruner.prune(counts)
+    forward_s = timed(lambda: _accuracy(pruned, *env._val, env.batch_size))
+    return {
+        "importance_s": importance_s,
+        "surgery_s": surgery_s,
+        "eval_s": eval_s,
+        "forward_s": forward_s,
+        "overhead_ratio": (eval_s - forward_s) / forward_s if forward_s > 0 else math.nan,
+        "images": int(len(env._val[1])),
+    }

@@ -1,0 +1,229 @@
+"""Model files: weights plus the architecture spec and per-layer widths, never a pickled module.
+
+A keepgym model file is a ``torch.save``'d dict of plain values and tensors, so it loads with
+``torch.load(path, weights_only=True)``::
+
+    {"format": "keepgym-model", "version": 1,
+     "spec": {"name": "resnet56", "kwargs": {"num_classes": 100, ...}},   # model.keepgym_spec
+     "widths": {module_name: {"type": "Conv2d", "attrs": {"in_channels": 16, "groups": 1, ...}}},
+     "state_dict": {...}, "extra": {...}}
+
+``widths`` records the plain attributes (ints, floats, strings, tuples) of every submodule. A model
+pruned in place by Torch-Pruning has edited ``in_channels`` / ``out_channels`` / ``groups`` /
+``num_features`` / ``in_features`` ... and smaller weights; :func:`load_model` rebuilds the original
+architecture from ``spec``, restores those attributes, gives every parameter and buffer the saved
+shape and then loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FORMAT", "VERSION", "ModelLoadError", "load_model", "load_model_with_extra", "save_model"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "keepgym-model"
+VERSION = 1
+_PLAIN = (int, float, bool, str, type(None))
+
+
+class ModelLoadError(ValueError):
+    """A model file is unreadable, not a keepgym model file, or does not match its architecture."""
+
+
+def _is_plain(value: Any) -> bool:
+    """True for values ``torch.load(weights_only=True)`` can restore (tensors and nested plain values)."""
+    if isinstance(value, (*_PLAIN, torch.Tensor)):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, _PLAIN) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _module_attrs(module: nn.Module) -> dict[str, Any]:
+    """Public scalar / tuple attributes of one module (not its children, parameters or buffers)."""
+    attrs = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training" or key == "keepgym_spec":
+            continue
+        if isinstance(value, _PLAIN):
+            attrs[key] = value
+        elif isinstance(value, tuple | list) and all(isinstance(v, _PLAIN) for v in value):
+            # Plain tuple / list (not e.g. torch.Size) so weights_only loading accepts it.
+            attrs[key] = tuple(value) if isinstance(value, tuple) else list(value)
+    return attrs
+
+
+def _widths(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: {"type": type(m).__name__, "attrs": _module_attrs(m)} for name, m in model.named_modules()}
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any) -> Path:
+    """Save ``model`` (possibly pruned) atomically as a keepgym model file.
+
+    Args:
+        model: A model built by ``models.create_model`` (it must carry ``keepgym_spec``).
+        path: Destination file; parent directories are created. The file is written to a temporary
+            name first and moved into place, so an interrupted save never leaves a broken file.
+        **extra_metadata: Plain values (numbers, strings, lists, dicts, tensors) stored under
+            ``"extra"``, e.g. ``accuracy=0.93, stage=4``.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: If the model has no ``keepgym_spec`` or the metadata is not plain data.
+    """
+    spec = getattr(model, "keepgym_spec", None)
+    if not isinstance(spec, dict) or "name" not in spec or "kwargs" not in spec:
+        raise ValueError("save_model needs a model built by models.create_model (it has no keepgym_spec)")
+    if not _is_plain(spec):
+        raise ValueError(f"keepgym_spec holds values that cannot be saved as plain data: {spec!r}")
+    if not _is_plain(extra_metadata):
+        raise ValueError(
+            "save_model extra metadata must be plain data (numbers, strings, lists, dicts, tensors)"
+        )
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": {"name": spec["name"], "kwargs": dict(spec["kwargs"])},
+        "widths": _widths(model),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "extra": dict(extra_metadata),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.debug("saved %s (%s) to %s", spec["name"], type(model).__name__, path)
+    return path
+
+
+def _read(path: Path, map_location: Any) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        # torch raises a zoo of types here (UnpicklingError, RuntimeError from the zip reader, ...);
+        # reduce all of them to one line naming the file.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{path}: not a readable model file (truncated or corrupt?): {reason[:200]}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        kind = (
+            "a plain state_dict"
+            if isinstance(payload, dict)
+            and payload
+            and all(isinstance(v, torch.Tensor) for v in payload.values())
+            else f"a {type(payload).__name__}"
+        )
+        raise ModelLoadError(
+            f"{path}: not a keepgym model file (it holds {kind}); save it with models.save_model"
+        )
+    if payload.get("version") != VERSION:
+        raise ModelLoadError(f"{path}: unsupported keepgym model file version {payload.get('version')!r}")
+    for key in ("spec", "widths", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise ModelLoadError(f"{path}: keepgym model file is missing its {key!r} entry")
+    return payload
+
+
+def _resize(
+    model: nn.Module, widths: dict[str, Any], state_dict: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Give ``model`` the saved per-module attributes and parameter / buffer shapes."""
+    modules = dict(model.named_modules())
+    for name, info in widths.items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelLoadError(f"{path}: saved layer {name!r} does not exist in the rebuilt architecture")
+        if type(module).__name__ != info.get("type"):
+            raise ModelLoadError(
+                f"{path}: layer {name!r} is a {info.get('type')} in the file "
+                f"but a {type(module).__name__} when rebuilt"
+            )
+        for key, value in info.get("attrs", {}).items():
+            if hasattr(module, key):
+                setattr(module, key, value)
+    for key, tensor in state_dict.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            raise ModelLoadError(
+                f"{path}: saved tensor {key!r} has no owning layer in the rebuilt architecture"
+            )
+        if attr in owner._parameters and owner._parameters[attr] is not None:
+            old = owner._parameters[attr]
+            if old.shape != tensor.shape:
+                new = torch.empty(tensor.shape, dtype=tensor.dtype, device=old.device)
+                owner._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+        elif attr in owner._buffers and owner._buffers[attr] is not None:
+            old = owner._buffers[attr]
+            if old.shape != tensor.shape:
+                owner._buffers[attr] = torch.empty(tensor.shape, dtype=tensor.dtype, device=old.device)
+
+
+def load_model_with_extra(
+    path: str | os.PathLike, map_location: Any = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a keepgym model file and its extra metadata.
+
+    Args:
+        path: File written by :func:`save_model`.
+        map_location: Passed to ``torch.load`` (the model's tensors end up there).
+
+    Returns:
+        ``(model, extra)``: the rebuilt model (with ``keepgym_spec`` set, in training mode, like a
+        freshly created model) and the ``extra_metadata`` given to :func:`save_model`.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ModelLoadError: If the file is truncated or corrupt, is not a keepgym model file, or its
+            spec / widths / weights do not fit together. The message is one line naming the file.
+    """
+    from models import create_model  # late import: models/__init__.py imports this module
+
+    path = Path(path)
+    payload = _read(path, map_location)
+    spec = payload["spec"]
+    try:
+        model = create_model(spec["name"], **spec["kwargs"])
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot rebuild architecture {spec.get('name')!r}: {exc}") from None
+    state_dict = payload["state_dict"]
+    _resize(model, payload["widths"], state_dict, path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())
+        raise ModelLoadError(
+            f"{path}: weights do not match the rebuilt architecture: {first[:300]}"
+        ) from None
+    if state_dict:
+        model.to(next(iter(state_dict.values())).device)
+    return model, dict(payload.get("extra") or {})
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Load a model saved by :func:`save_model` (see :func:`load_model_with_extra`)."""
+    return load_model_with_extra(path, map_location)[0]
