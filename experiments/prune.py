@@ -308,7 +308,7 @@ def _kd_epochs(
     batch_size: int,
     device: str,
     start_epoch: int = 0,
-    best: tuple[float, dict | None] = (-1.0, None),
+    best: tuple[float, dict] | None = None,
     on_epoch: Any = None,
 ) -> tuple[float, list[dict]]:
     """Distil ``student`` for ``epochs`` epochs (one cosine over all of them); keep the best validation epoch.
@@ -316,6 +316,11 @@ def _kd_epochs(
     Each epoch is one :func:`envs.distill.distill` call with its own seed and the slice of the global
     cosine schedule, so a run resumed between epochs is bit-identical. The student ends with the weights
     of its best validation epoch (or its entry weights, if no epoch beat ``best``).
+
+    Args:
+        best: ``(accuracy, state_dict)`` to beat (default: the student's entry weights and their
+            validation accuracy); the student ends with the best weights seen.
+        on_epoch: ``on_epoch(epoch, best_accuracy, best_state, records)`` after every epoch (checkpoints).
 
     Returns:
         (best validation accuracy, per-epoch records).
@@ -325,6 +330,11 @@ def _kd_epochs(
 
     steps = max(1, math.ceil(len(data.train_y) / batch_size))
     min_lr = 1e-6
+    if best is None:
+        best = (
+            evaluate_accuracy(student, data.val_x, data.val_y, data.normalize, device=device),
+            copy.deepcopy(student.state_dict()),
+        )
     best_acc, best_state = best
     records = []
     for epoch in range(start_epoch, epochs):
@@ -341,8 +351,7 @@ def _kd_epochs(
             best_acc, best_state = acc, copy.deepcopy(student.state_dict())
         if on_epoch is not None:
             on_epoch(epoch, best_acc, best_state, records)
-    if best_state is not None:
-        student.load_state_dict(best_state)
+    student.load_state_dict(best_state)
     return best_acc, records
 
 
@@ -396,7 +405,6 @@ class _StageRecovery(gym.Wrapper):
             acc, epochs = _kd_epochs(
                 raw.model, self.teacher, self.data, self.cfg.finetune_epochs, seed=self.cfg.seed, stage=stage + 1,
                 learning_rate=self.cfg.kd_learning_rate, batch_size=self.cfg.kd_batch_size, device=self.device,
-                best=(self._val(raw.model), None),
             )
             obs, env_acc = _after_kd(raw, obs, acc)
             info["accuracy_before_kd"] = info.get("accuracy")
@@ -744,7 +752,7 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             history = getattr(agent, "history", [])
             search = {
                 "evaluations": int(sum(int(r.get("candidates", 0)) for r in history)),
-                "distribution": np.asarray(agent.distribution).tolist() if hasattr(agent, "distribution") else None,
+                "distribution": np.asarray(agent.distribution).tolist() if cfg.algo == "rlpruner" else None,
                 "widths": np.asarray(raw.group_widths).tolist(),
                 "initial_widths": np.asarray(raw.initial_group_widths).tolist(),
                 "info": {},
@@ -788,7 +796,7 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     teacher_path = out / "search" / "teacher.pt"
     teacher = load_model(teacher_path).to(device).eval() if teacher_path.exists() else recovery.original
     final_dir = out / "final_kd"
-    start_epoch, best_acc, best_state = 0, recovery._val(student), None
+    start_epoch, best_acc, best_state = 0, recovery._val(student), copy.deepcopy(student.state_dict())
     final_records: list[dict] = []
     if (final_dir / _STATE_FILE).exists():
         fstate = torch.load(final_dir / _STATE_FILE, map_location="cpu", weights_only=True)
@@ -796,17 +804,15 @@ def compress(config: PruneConfig) -> dict[str, Any]:
         final_records = json.loads(fstate["records_json"])
         clock.previous = float(fstate["wall"])
         student = load_model(final_dir / "model.pt").to(device)
-        if (final_dir / "best.pt").exists():
-            best_state = load_model(final_dir / "best.pt").state_dict()
+        best_state = load_model(final_dir / "best.pt").to(device).state_dict()
         _set_rng_state(fstate["rng"])
 
-    def on_epoch(epoch: int, best_val: float, state: dict | None, records: list[dict]) -> None:
+    def on_epoch(epoch: int, best_val: float, state: dict, records: list[dict]) -> None:
         def write(tmp: Path) -> None:
             save_model(student, tmp / "model.pt", epoch=epoch)
-            if state is not None:
-                best_model = copy.deepcopy(student)
-                best_model.load_state_dict(state)
-                save_model(best_model, tmp / "best.pt", epoch=epoch)
+            best_model = copy.deepcopy(student)
+            best_model.load_state_dict(state)
+            save_model(best_model, tmp / "best.pt", epoch=epoch)
             atomic_torch_save(
                 {"epoch": epoch, "best_val": best_val, "rng": _rng_state(), "wall": clock(),
                  "records_json": json.dumps(final_records + records, default=_json_default)},
@@ -822,7 +828,7 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             start_epoch=start_epoch, best=(best_acc, best_state), on_epoch=on_epoch,
         )
         final_records += records
-    elif best_state is not None:
+    else:
         student.load_state_dict(best_state)
 
     # ---- outputs ---------------------------------------------------------------------------------

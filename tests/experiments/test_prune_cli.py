@@ -131,7 +131,10 @@ def test_existing_run_folder_is_refused_without_force(base_checkpoint, full_run,
 def test_bad_arguments_give_one_line(base_checkpoint, tmp_path, capsys, change, expected):
     args = _args(base_checkpoint, tmp_path / "bad")
     flag, value = change
-    args[args.index(flag) + 1] = value
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

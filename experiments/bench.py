@@ -1,0 +1,190 @@
+"""``keepgym bench``: the project's speed benchmarks, each writing JSON to ``--out``.
+
+Every benchmark measures the things it compares side by side in one process and reports their
+ratio, so a figure means the same on a busy shared machine as on a quiet one. Each JSON holds the
+machine description, the command line that produced it and the raw timings.
+
+* ``data``: in-memory loader (augmentation + normalisation) vs the model's forward+backward on
+  the same batches (target: loader < 10 % of a training step).
+* ``prune-step``: ``PruneEnv.evaluate(action)`` split into importance / masking / evaluation vs
+  the pure forward of the physically pruned model.
+* ``vit``: ViT training step time and inference images/s at keep 100/75/50/25 %.
+* ``prune``: wall time of one stage search (K x E candidates) on a full-width model.
+* ``agentvit``: joint ViT + agent training vs full-patch ViT training, per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from experiments.common import CliError, arg, machine_info, write_json
+
+__all__ = ["BenchConfig", "run", "bench_data", "COMMAND", "DESCRIPTION", "Config"]
+
+logger = logging.getLogger(__name__)
+
+COMMAND = "bench"
+DESCRIPTION = "Run speed benchmarks (data, prune-step, vit, prune, agentvit, all) and write JSON."
+BENCHMARKS = ("data", "prune-step", "vit", "prune", "agentvit")
+
+
+@dataclass
+class BenchConfig:
+    """Settings of ``keepgym bench``."""
+
+    which: str = arg("all", help="benchmark to run", choices=(*BENCHMARKS, "all"))
+    out: str = arg("bench", help="folder for the JSON files")
+    device: str = arg("cpu", help="cpu, cuda or auto")
+    quick: bool = arg(False, help="smaller sizes (for tests and a first look)")
+    repeats: int = arg(5, help="timed repeats (the median is reported)")
+
+
+Config = BenchConfig
+
+
+def add_arguments(parser) -> None:
+    """``keepgym bench [WHICH] --out DIR``: WHICH is positional, as in the README."""
+    parser.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"), help="benchmark to run")
+    parser.add_argument("--out", default="bench", help="folder for the JSON files (default: bench)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (for tests and a first look)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default: 5)")
+
+
+def config_from_args(args) -> BenchConfig:
+    return BenchConfig(which=args.which, out=args.out, device=args.device, quick=args.quick, repeats=args.repeats)
+
+
+def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_data(device: str = "cpu", quick: bool = False, repeats: int = 5) -> dict:
+    """Loader cost vs one training step of vgg11 (width 0.25) on synthetic 32x32, batch 128."""
+    from envs.data import BatchLoader, load_dataset
+    from models import create_model
+
+    n = 1024 if quick else 4096
+    data = load_dataset("synthetic", train_size=n + n // 8, val_size=n // 8)
+    loader = BatchLoader(data.train_x, data.train_y, data, 128, augment=True, drop_last=True, device=device)
+    model = create_model("vgg11", num_classes=data.num_classes, width_mult=0.25).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    batches = list(loader)
+
+    def load_epoch():
+        for _ in loader:
+            pass
+
+    def train_epoch():
+        for xb, yb in batches:
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    t_load = _median_time(load_epoch, repeats)
+    t_train = _median_time(train_epoch, repeats)
+    nb = len(loader)
+    return {
+        "benchmark": "data",
+        "model": "vgg11 width 0.25",
+        "dataset": "synthetic 3x32x32",
+        "batch_size": 128,
+        "batches": nb,
+        "loader_batches_per_second": nb / t_load,
+        "train_step_batches_per_second": nb / t_train,
+        "loader_seconds_per_batch": t_load / nb,
+        "train_step_seconds_per_batch": t_train / nb,
+        "loader_fraction_of_step": t_load / t_train,
+        "target": "loader_fraction_of_step < 0.10",
+        "passed": t_load / t_train < 0.10,
+    }
+
+
+def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
+    from envs.pruning import benchmark_prune_step
+
+    return benchmark_prune_step(device=device, quick=quick, repeats=repeats)
+
+
+def _bench_vit(device: str, quick: bool, repeats: int) -> dict:
+    from envs.patch_select_env import benchmark_vit
+
+    if quick:
+        rows = benchmark_vit(batch_size=32, steps=2, device=device, preset="vit_small")
+    else:
+        rows = benchmark_vit(device=device)
+    return {"benchmark": "vit", "rows": rows}
+
+
+def _bench_prune(device: str, quick: bool, repeats: int) -> dict:
+    from experiments.prune import benchmark_stage_search
+
+    return benchmark_stage_search(device=device, quick=quick)
+
+
+def _bench_agentvit(device: str, quick: bool, repeats: int) -> dict:
+    from experiments.agentvit import benchmark_agentvit
+
+    return benchmark_agentvit(device=device, quick=quick)
+
+
+_RUNNERS = {
+    "data": lambda d, q, r: bench_data(d, q, r),
+    "prune-step": _bench_prune_step,
+    "vit": _bench_vit,
+    "prune": _bench_prune,
+    "agentvit": _bench_agentvit,
+}
+
+
+def run(cfg: BenchConfig) -> dict:
+    """Run the chosen benchmarks; each writes ``OUT/<name>.json``; returns them all."""
+    from experiments.common import resolve_device
+
+    if cfg.repeats < 1:
+        raise CliError(f"--repeats must be >= 1, got {cfg.repeats}")
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = BENCHMARKS if cfg.which == "all" else (cfg.which,)
+    results = {}
+    for name in names:
+        logger.info("benchmark %s", name)
+        start = time.perf_counter()
+        result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
+        result["machine"] = machine_info()
+        result["command"] = " ".join(["keepgym", *sys.argv[1:]]) if sys.argv else "keepgym bench"
+        result["device"] = device
+        result["wall_seconds"] = time.perf_counter() - start
+        write_json(out / f"{name}.json", result)
+        results[name] = result
+        sys.stdout.write(f"{name}: {_headline(result)} -> {out / (name + '.json')}\n")
+    return results
+
+
+def _headline(result: dict) -> str:
+    if result.get("benchmark") == "data":
+        return (
+            f"loader {result['loader_seconds_per_batch'] * 1e3:.2f} ms/batch vs train step "
+            f"{result['train_step_seconds_per_batch'] * 1e3:.1f} ms/batch "
+            f"(loader = {100 * result['loader_fraction_of_step']:.1f} % of a step)"
+        )
+    return ", ".join(f"{k}={v:.3g}" for k, v in result.items() if isinstance(v, float))[:300]
