@@ -24,7 +24,10 @@ PATCH_ENV_IDS = {
     "PatchSelect-CIFAR10-v0": {"dataset": "cifar10"},
     "PatchSelect-FashionMNIST-v0": {"dataset": "fashion_mnist", "image_size": 28, "patch_size": 4},
     "PatchSelect-Imagenette-v0": {"dataset": "imagenette", "image_size": 160, "patch_size": 16},
-    "PatchSelect-Digits-v0": {"dataset": "digits", "preset": "vit_small"},
+    "PatchSelect-Digits-v0": {
+        "dataset": "digits", "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128, "dim_head": 16,
+        "batch_size": 64, "augment": False,
+    },
 }
 
 for _id, _kw in PRUNE_ENV_IDS.items():

@@ -391,7 +391,9 @@ class PruneEnv(gym.Env):
         self.n0 = int(self.initial_group_widths.sum())
         self.stage_size = max(1, int(round(self.stage_sparsity * self.n0)))
         self.target_channels = max(1, int(round(self.target_sparsity * self.n0)))
-        capacity = int(self._capacity(self.initial_group_widths).sum())
+        w0 = self.initial_group_widths
+        floor = self._min_width()
+        capacity = int(np.where((w0 // self.round_to) * self.round_to >= floor, w0 - floor, 0).sum())
         if self.target_channels > capacity:
             raise ValueError(
                 f"target_sparsity={target_sparsity} asks for {self.target_channels} of {self.n0} channels, "

@@ -109,6 +109,10 @@ class ChannelGroup:
     slices: list[_Slice] = field(default_factory=list, repr=False)
     # per module: ("out" | "in" | "dw" | "elem", channels per group channel) for the cost model
     shape_terms: list[tuple[nn.Module, str, int]] = field(default_factory=list, repr=False)
+    # per real layer the group prunes: (pruning function, layer, positions, group channel of each)
+    surgery: list[tuple[Callable, nn.Module, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list, repr=False
+    )
     order: torch.Tensor | None = field(default=None, repr=False)  # channels, least important first
 
 
@@ -129,6 +133,24 @@ def _pool_ops(module: nn.Module, ishape: Sequence[int], oshape: Sequence[int]) -
     if isinstance(module, nn.modules.pooling._AvgPoolNd):
         return numel
     return 0.0
+
+
+@contextlib.contextmanager
+def _frozen_index_mapping(graph: tp.DependencyGraph) -> Iterator[None]:
+    """Update the concat/reshape index mappings once, then stop ``get_pruning_group`` redoing it.
+
+    ``DependencyGraph.get_pruning_group`` recomputes every index mapping of the graph on each call;
+    between two surgeries they cannot change, and for DenseNet the recomputation dominates.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    index_mapping.update_index_mapping(graph)
+    original = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda _graph: None
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = original
 
 
 class CostModel:
@@ -226,9 +248,13 @@ class GroupPruner:
                 h.remove()
             model.train(was_training)
         roots = []
-        for group in self.graph.get_all_groups(
-            ignored_layers=self.ignored_layers, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)
-        ):
+        with _frozen_index_mapping(self.graph):
+            all_groups = list(
+                self.graph.get_all_groups(
+                    ignored_layers=self.ignored_layers, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)
+                )
+            )
+        for group in all_groups:
             outs = [
                 dep.target.module
                 for dep, _ in group
@@ -270,49 +296,53 @@ class GroupPruner:
 
     def refresh(self) -> None:
         """Rebuild every group's parameter slices from the current model (after surgery)."""
-        for g in self.groups:
-            group, width = self._full_group(g.root)
-            g.width = int(width)
-            g.slices, g.shape_terms, layers = [], [], []
-            for item in group:
-                dep, idxs = item.dep, item.idxs
-                module = dep.target.module
-                kind = _handler_kind(dep.handler)
-                pos = torch.as_tensor(list(idxs), dtype=torch.long)
-                chans = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
-                if kind is None:
-                    if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
-                        raise NotImplementedError(
-                            f"group of {g.root_name!r} holds {type(module).__name__} "
-                            f"({self._module_names.get(module)}), which cannot be pruned by masking"
-                        )
-                    leaf = self._gradfn_to_leaf.get(dep.target.grad_fn)
-                    if leaf is not None:
-                        per = self._per_channel(len(pos), width, g.root_name)
-                        g.shape_terms.append((leaf, "elem", per))
-                    continue
-                per = self._per_channel(len(pos), width, g.root_name)
-                if kind in ("conv_out", "linear_out", "dw", "bn"):
-                    if kind == "conv_out" and module.groups != 1:
-                        raise NotImplementedError(
-                            f"grouped conv {self._module_names[module]!r} is not supported"
-                        )
-                    if getattr(module, "weight", None) is not None:
-                        g.slices.append(_Slice(module, "weight", 0, pos, chans))
-                    if getattr(module, "bias", None) is not None:
-                        g.slices.append(_Slice(module, "bias", 0, pos, chans))
-                    g.shape_terms.append((module, "dw" if kind == "dw" else "out", per))
-                    if kind in ("conv_out", "linear_out", "dw"):
-                        layers.append(self._module_names[module])
-                else:  # consumer in-channels
-                    if kind == "conv_in" and module.groups != 1:
-                        raise NotImplementedError(
-                            f"grouped conv {self._module_names[module]!r} is not supported"
-                        )
-                    g.slices.append(_Slice(module, "weight", 1, pos, chans))
-                    g.shape_terms.append((module, "in", per))
-            g.layers = sorted(layers, key=lambda n: self._order[self.model.get_submodule(n)])
-            g.order = None
+        with _frozen_index_mapping(self.graph):
+            for g in self.groups:
+                self._refresh_group(g)
+
+    def _refresh_group(self, g: ChannelGroup) -> None:
+        group, width = self._full_group(g.root)
+        g.width = int(width)
+        g.slices, g.shape_terms, g.surgery, layers = [], [], [], []
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            module = dep.target.module
+            kind = _handler_kind(dep.handler)
+            pos = torch.as_tensor(list(idxs), dtype=torch.long)
+            chans = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            if kind is None:
+                if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
+                    raise NotImplementedError(
+                        f"group of {g.root_name!r} holds {type(module).__name__} "
+                        f"({self._module_names.get(module)}), which cannot be pruned by masking"
+                    )
+                leaf = self._gradfn_to_leaf.get(dep.target.grad_fn)
+                if leaf is not None:
+                    per = self._per_channel(len(pos), width, g.root_name)
+                    g.shape_terms.append((leaf, "elem", per))
+                # Torch-Pruning's placeholder ops keep state (concat sizes, slice bounds): prune them too
+                g.surgery.append((dep.handler, module, pos, chans))
+                continue
+            per = self._per_channel(len(pos), width, g.root_name)
+            if kind in ("conv_out", "linear_out", "dw", "bn"):
+                if kind == "conv_out" and module.groups != 1:
+                    raise NotImplementedError(f"grouped conv {self._module_names[module]!r} is not supported")
+                if getattr(module, "weight", None) is not None:
+                    g.slices.append(_Slice(module, "weight", 0, pos, chans))
+                if getattr(module, "bias", None) is not None:
+                    g.slices.append(_Slice(module, "bias", 0, pos, chans))
+                g.shape_terms.append((module, "dw" if kind == "dw" else "out", per))
+                g.surgery.append((dep.handler, module, pos, chans))
+                if kind in ("conv_out", "linear_out", "dw"):
+                    layers.append(self._module_names[module])
+            else:  # consumer in-channels
+                if kind == "conv_in" and module.groups != 1:
+                    raise NotImplementedError(f"grouped conv {self._module_names[module]!r} is not supported")
+                g.slices.append(_Slice(module, "weight", 1, pos, chans))
+                g.shape_terms.append((module, "in", per))
+                g.surgery.append((dep.handler, module, pos, chans))
+        g.layers = sorted(layers, key=lambda n: self._order[self.model.get_submodule(n)])
+        g.order = None
 
     @staticmethod
     def _per_channel(count: int, width: int, name: str) -> int:
@@ -462,16 +492,26 @@ class GroupPruner:
     def prune(self, counts: Sequence[int]) -> list[np.ndarray]:
         """Remove the ``counts`` least important channels of every group for real.
 
+        All removals are expressed in the pre-surgery index space of every layer and applied with
+        one Torch-Pruning pruning-function call per (layer, function), so groups that share a layer
+        (e.g. the slices of a batch norm behind a concatenation) cannot shift each other's indices.
+
         Returns:
             The removed channel indices of every group (in the group's index space before pruning).
         """
         removed = self.removal_indices(counts)
+        plan: dict[tuple[int, Callable], tuple[Callable, nn.Module, list[torch.Tensor]]] = {}
         for g, idxs in zip(self.groups, removed, strict=True):
             if len(idxs) == 0:
                 continue
-            pruner = self.graph.get_pruner_of_module(g.root)
-            group = self.graph.get_pruning_group(g.root, pruner.prune_out_channels, idxs.tolist())
-            group.prune()
+            drop = torch.zeros(g.width, dtype=torch.bool)
+            drop[torch.as_tensor(idxs, dtype=torch.long)] = True
+            for handler, module, pos, chans in g.surgery:
+                key = (id(module), handler)
+                plan.setdefault(key, (handler, module, []))[2].append(pos[drop[chans]])
+        for handler, module, parts in plan.values():
+            idxs = sorted(set(torch.cat(parts).tolist()))
+            handler(module, idxs)
         self.refresh()
         return removed
 

@@ -62,8 +62,9 @@ def compare(
                 summary = json.loads(summary_path.read_text())
             else:
                 resume = (out / "config.json").exists()
-                cfg = dataclasses.replace(base, algo=algo, seed=seed, out=str(out), resume=resume,
-                                          force=not resume, progress=False)
+                cfg = dataclasses.replace(
+                    base, algo=algo, seed=seed, out=str(out), resume=resume, force=not resume, progress=False
+                )
                 logger.info("running %s seed %d -> %s", algo, seed, out)
                 summary = compress(cfg)
             baseline = baseline or summary["baseline"]
@@ -88,7 +89,10 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float
 
 def format_markdown(result: dict[str, Any]) -> str:
     """The comparison as a Markdown table (percentages for accuracies and reductions)."""
-    header = "| algo | n | test acc % | MACs red. % | params red. % | speed-up b1 | speed-up b64 | evaluations | wall s |"
+    header = (
+        "| algo | n | test acc % | MACs red. % | params red. % | speed-up b1 | speed-up b64 "
+        "| evaluations | wall s |"
+    )
     lines = [header, "|" + "---|" * 9]
     counts = {}
     for r in result["runs"]:
@@ -111,14 +115,17 @@ def format_markdown(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append(
             f"baseline: test acc {100 * b['test_accuracy']:.2f} %, {b['macs'] / 1e6:.2f}M MACs, "
-            f"{b['params'] / 1e6:.3f}M params, latency b1 {b['latency_ms_b1']:.2f} ms, b64 {b['latency_ms_b64']:.2f} ms"
+            f"{b['params'] / 1e6:.3f}M params, latency b1 {b['latency_ms_b1']:.2f} ms, "
+            f"b64 {b['latency_ms_b64']:.2f} ms"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m experiments.compare_prune``: run the grid and print/write the table."""
-    p = argparse.ArgumentParser(prog="python -m experiments.compare_prune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.compare_prune", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--checkpoint", required=True)
@@ -137,10 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     base = PruneConfig(
-        sparsity=args.sparsity, model=args.model, dataset=args.dataset, checkpoint=args.checkpoint,
-        width_mult=args.width_mult, stage_sparsity=args.stage_sparsity, sample_num=args.sample_num,
-        rounds_per_stage=args.rounds_per_stage, finetune_epochs=args.finetune_epochs,
-        final_finetune_epochs=args.final_finetune_epochs, eval_size=args.eval_size, device=args.device,
+        sparsity=args.sparsity,
+        model=args.model,
+        dataset=args.dataset,
+        checkpoint=args.checkpoint,
+        width_mult=args.width_mult,
+        stage_sparsity=args.stage_sparsity,
+        sample_num=args.sample_num,
+        rounds_per_stage=args.rounds_per_stage,
+        finetune_epochs=args.finetune_epochs,
+        final_finetune_epochs=args.final_finetune_epochs,
+        eval_size=args.eval_size,
+        device=args.device,
     )
     result = compare(base, args.algos, args.seeds, args.out_root)
     text = format_markdown(result)

@@ -114,7 +114,9 @@ def evaluate_model(
     }
     if latency_repeats > 0:
         b1 = measure_latency(model, shape, batch_size=1, repeats=latency_repeats, device=device)
-        b64 = measure_latency(model, shape, batch_size=64, repeats=max(3, latency_repeats // 4), device=device)
+        b64 = measure_latency(
+            model, shape, batch_size=64, repeats=max(3, latency_repeats // 4), device=device
+        )
         result.update(
             latency_ms_b1=b1["median_ms"],
             latency_ms_b64=b64["median_ms"],
@@ -151,7 +153,9 @@ def _agentvit_mode(cfg: EvaluateConfig) -> dict:
         module = None
     fn = getattr(module, "evaluate_agentvit", None)
     if fn is None:
-        raise CliError("--vit: the AgentViT evaluation is not available in this version (experiments/agentvit.py)")
+        raise CliError(
+            "--vit: the AgentViT evaluation is not available in this version (experiments/agentvit.py)"
+        )
     return fn(cfg)
 
 
@@ -179,7 +183,12 @@ def run(cfg: EvaluateConfig) -> dict:
         )
     try:
         figures = evaluate_model(
-            model, data, cfg.split, device=device, batch_size=cfg.batch_size, latency_repeats=cfg.latency_repeats
+            model,
+            data,
+            cfg.split,
+            device=device,
+            batch_size=cfg.batch_size,
+            latency_repeats=cfg.latency_repeats,
         )
     except RuntimeError as err:  # shape mismatch between the model and the images
         line = str(err).strip().splitlines()[0][:200]

@@ -79,8 +79,18 @@ ALGOS = STAGED_ALGOS + SB3_ALGOS
 CRITERIA = ("taylor", "l1", "l2", "random")
 BACKENDS = ("serial", "ray")
 #: Summary fields that measure time and may differ between two runs with the same seed.
-TIMING_KEYS = ("wall_seconds", "latency_ms_b1", "latency_ms_b64", "speedup_b1", "speedup_b64",
-               "search_seconds", "kd_seconds", "seconds", "finished", "images_per_second_b64")
+TIMING_KEYS = (
+    "wall_seconds",
+    "latency_ms_b1",
+    "latency_ms_b64",
+    "speedup_b1",
+    "speedup_b64",
+    "search_seconds",
+    "kd_seconds",
+    "seconds",
+    "finished",
+    "images_per_second_b64",
+)
 _STATE_FILE = "state.pt"
 
 
@@ -89,7 +99,9 @@ class PruneConfig:
     """Settings of one ``keepgym prune`` run (saved as ``config.json``)."""
 
     sparsity: float = arg(help="target channel sparsity in (0, 1): fraction of prunable channels removed")
-    env: str | None = arg(None, help="env id, e.g. RLPrune-Digits-v0 (instead of --model/--dataset/--checkpoint)")
+    env: str | None = arg(
+        None, help="env id, e.g. RLPrune-Digits-v0 (instead of --model/--dataset/--checkpoint)"
+    )
     model: str | None = arg(None, help="model name, e.g. vgg11, resnet56 (with --dataset and --checkpoint)")
     dataset: str | None = arg(None, help=f"dataset: {', '.join(DATASETS)}")
     checkpoint: str | None = arg(None, help="trained model file (`keepgym train` writes DIR/model.pt)")
@@ -100,7 +112,9 @@ class PruneConfig:
     final_finetune_epochs: int = arg(5, help="KD epochs after the last stage (best validation epoch kept)")
     kd_learning_rate: float = arg(1e-3, help="SGD learning rate of the distillation (cosine to 1e-6)")
     kd_batch_size: int = arg(128, help="distillation batch size")
-    teacher_swap: bool = arg(True, help="a pruned model that beats the teacher on validation becomes the teacher")
+    teacher_swap: bool = arg(
+        True, help="a pruned model that beats the teacher on validation becomes the teacher"
+    )
     width_mult: float | None = arg(None, help="channel width multiplier of the model (default: the env's)")
     criterion: str = arg("taylor", help=f"channel importance inside a group: {', '.join(CRITERIA)}")
     alpha: float = arg(0.0, help="reward weight of the MACs reduction")
@@ -141,7 +155,9 @@ def validate(cfg: PruneConfig) -> None:
     else:
         missing = [f"--{k}" for k in ("model", "dataset", "checkpoint") if getattr(cfg, k) is None]
         if missing:
-            raise CliError(f"give --env ID or all of --model, --dataset and --checkpoint (missing {', '.join(missing)})")
+            raise CliError(
+                f"give --env ID or all of --model, --dataset and --checkpoint (missing {', '.join(missing)})"
+            )
         from models import list_models
 
         cnns = [m for m in list_models() if not m.startswith("vit")]
@@ -162,10 +178,15 @@ def validate(cfg: PruneConfig) -> None:
     checks = [
         (0.0 < cfg.sparsity < 1.0, f"--sparsity must be in (0, 1), got {cfg.sparsity}"),
         (0.0 < cfg.stage_sparsity < 1.0, f"--stage-sparsity must be in (0, 1), got {cfg.stage_sparsity}"),
-        (cfg.stage_sparsity <= cfg.sparsity,
-         f"--stage-sparsity ({cfg.stage_sparsity}) must not exceed --sparsity ({cfg.sparsity})"),
+        (
+            cfg.stage_sparsity <= cfg.sparsity,
+            f"--stage-sparsity ({cfg.stage_sparsity}) must not exceed --sparsity ({cfg.sparsity})",
+        ),
         (cfg.finetune_epochs >= 0, f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}"),
-        (cfg.final_finetune_epochs >= 0, f"--final-finetune-epochs must be >= 0, got {cfg.final_finetune_epochs}"),
+        (
+            cfg.final_finetune_epochs >= 0,
+            f"--final-finetune-epochs must be >= 0, got {cfg.final_finetune_epochs}",
+        ),
         (cfg.kd_learning_rate > 0, f"--kd-learning-rate must be > 0, got {cfg.kd_learning_rate}"),
         (cfg.kd_batch_size >= 1, f"--kd-batch-size must be >= 1, got {cfg.kd_batch_size}"),
         (cfg.width_mult is None or cfg.width_mult > 0, f"--width-mult must be > 0, got {cfg.width_mult}"),
@@ -188,7 +209,9 @@ def validate(cfg: PruneConfig) -> None:
     if cfg.resume and cfg.out is None:
         raise CliError("--resume needs --out DIR (the folder of the interrupted run)")
     if cfg.resume and cfg.algo in SB3_ALGOS:
-        raise CliError(f"--resume is supported for {', '.join(STAGED_ALGOS)}; a {cfg.algo} run restarts from scratch")
+        raise CliError(
+            f"--resume is supported for {', '.join(STAGED_ALGOS)}; a {cfg.algo} run restarts from scratch"
+        )
     if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
         raise CliError(f"--data-root {cfg.data_root} is not a folder")
 
@@ -237,10 +260,14 @@ def _make_env(cfg: PruneConfig, device: str) -> gym.Env:
         raise CliError(" ".join(str(err).split())) from None
     if cfg.backend != "serial":
         if cfg.backend not in prune_env._EVALUATE_BACKENDS:
-            raise CliError(f"--backend {cfg.backend}: not available (install the extra, e.g. pip install -e .[ray])")
+            raise CliError(
+                f"--backend {cfg.backend}: not available (install the extra, e.g. pip install -e .[ray])"
+            )
         raw = env.unwrapped
         # The agents call raw.evaluate_many(actions); route them to the chosen backend.
-        raw.evaluate_many = functools.partial(type(raw).evaluate_many, raw, backend=cfg.backend, workers=cfg.workers)
+        raw.evaluate_many = functools.partial(
+            type(raw).evaluate_many, raw, backend=cfg.backend, workers=cfg.workers
+        )
     return env
 
 
@@ -265,8 +292,13 @@ def _rng_state() -> dict[str, Any]:
 
 def _plain_numpy_state(state: tuple) -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = state
-    return {"kind": kind, "keys": torch.as_tensor(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "kind": kind,
+        "keys": torch.as_tensor(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _plain_python_state(state: tuple) -> list:
@@ -277,7 +309,9 @@ def _plain_python_state(state: tuple) -> list:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
@@ -339,14 +373,26 @@ def _kd_epochs(
     records = []
     for epoch in range(start_epoch, epochs):
         stats = distill(
-            student, teacher, data, steps,
+            student,
+            teacher,
+            data,
+            steps,
             learning_rate=_cosine(learning_rate, min_lr, epoch / epochs),
             min_learning_rate=_cosine(learning_rate, min_lr, (epoch + 1) / epochs),
-            batch_size=batch_size, device=device, seed=_kd_seed(seed, stage, epoch),
+            batch_size=batch_size,
+            device=device,
+            seed=_kd_seed(seed, stage, epoch),
         )
         acc = evaluate_accuracy(student, data.val_x, data.val_y, data.normalize, device=device)
-        records.append({"epoch": epoch, "val_accuracy": acc, "loss": stats.mean_loss, "diverged": stats.diverged,
-                        "seconds": stats.seconds})
+        records.append(
+            {
+                "epoch": epoch,
+                "val_accuracy": acc,
+                "loss": stats.mean_loss,
+                "diverged": stats.diverged,
+                "seconds": stats.seconds,
+            }
+        )
         if acc > best_acc:
             best_acc, best_state = acc, copy.deepcopy(student.state_dict())
         if on_epoch is not None:
@@ -359,11 +405,12 @@ class _StageRecovery(gym.Wrapper):
     """Distils the pruned model after every committed stage and keeps RL-Pruner's teacher.
 
     ``step`` commits the stage on the env, then runs ``finetune_epochs`` KD epochs (best validation epoch
-    kept), replaces the teacher by the student if it is better on validation (``teacher_swap``), and
-    writes the post-distillation validation accuracy into ``info["accuracy"]`` and the observation (the
-    pre-distillation figure stays in ``info["accuracy_before_kd"]``). At the end of an episode it keeps a
-    copy of the episode's final model if it is the best episode so far (for the SB3 algorithms, whose
-    vectorised env resets as soon as an episode ends).
+    kept), tells the env (``model_changed``: new validation accuracy, next stage's importance from the
+    distilled weights) and replaces the teacher by the student if it is better on validation
+    (``teacher_swap``). The observation carries the post-distillation accuracy, ``info["accuracy"]``
+    the committed pre-distillation one (``info["accuracy_after_kd"]`` the other). At the end of an
+    episode it keeps a copy of the episode's final model if it is the best episode so far (for the SB3
+    algorithms, whose vectorised env resets as soon as an episode ends).
     """
 
     def __init__(self, env: gym.Env, cfg: PruneConfig, data: Any, device: str) -> None:
@@ -384,7 +431,9 @@ class _StageRecovery(gym.Wrapper):
     def _val(self, model: torch.nn.Module) -> float:
         from envs.metrics import evaluate_accuracy
 
-        return evaluate_accuracy(model, self.data.val_x, self.data.val_y, self.data.normalize, device=self.device)
+        return evaluate_accuracy(
+            model, self.data.val_x, self.data.val_y, self.data.normalize, device=self.device
+        )
 
     def reset(self, **kwargs: Any):
         self.teacher, self.teacher_val = self.original, self.original_val
@@ -396,22 +445,35 @@ class _StageRecovery(gym.Wrapper):
         t0 = time.perf_counter()
         obs, reward, terminated, truncated, info = self.env.step(action)
         info = dict(info)
-        record: dict[str, Any] = {"episode": self.episode, "stage": stage + 1, "reward": float(reward),
-                                  "accuracy_before_kd": info.get("accuracy"),
-                                  "macs_ratio": info.get("macs_ratio"), "params_ratio": info.get("params_ratio"),
-                                  "sparsity": info.get("sparsity")}
+        record: dict[str, Any] = {
+            "episode": self.episode,
+            "stage": stage + 1,
+            "reward": float(reward),
+            "accuracy_before_kd": info.get("accuracy"),
+            "macs_ratio": info.get("macs_ratio"),
+            "params_ratio": info.get("params_ratio"),
+            "sparsity": info.get("sparsity"),
+        }
         kd_t0 = time.perf_counter()
         if self.cfg.finetune_epochs > 0:
             acc, epochs = _kd_epochs(
-                raw.model, self.teacher, self.data, self.cfg.finetune_epochs, seed=self.cfg.seed, stage=stage + 1,
-                learning_rate=self.cfg.kd_learning_rate, batch_size=self.cfg.kd_batch_size, device=self.device,
+                raw.model,
+                self.teacher,
+                self.data,
+                self.cfg.finetune_epochs,
+                seed=self.cfg.seed,
+                stage=stage + 1,
+                learning_rate=self.cfg.kd_learning_rate,
+                batch_size=self.cfg.kd_batch_size,
+                device=self.device,
             )
             obs, env_acc = _after_kd(raw, obs, acc)
-            info["accuracy_before_kd"] = info.get("accuracy")
-            info["accuracy"] = env_acc
+            # info["accuracy"] stays the committed (pre-distillation) accuracy: RL-Pruner's collapse guard
+            # compares a candidate with the previous stage's pre-fine-tune accuracy (reference code).
+            info["accuracy_after_kd"] = env_acc
             record["kd_val_accuracies"] = [e["val_accuracy"] for e in epochs]
         else:
-            acc = float(info.get("accuracy", self._val(raw.model)))
+            acc = self._val(raw.model)
         record["val_accuracy"] = acc
         record["kd_seconds"] = time.perf_counter() - kd_t0
         record["seconds"] = time.perf_counter() - t0
@@ -424,17 +486,24 @@ class _StageRecovery(gym.Wrapper):
         if terminated or truncated:
             if self.best_episode is None or acc > self.best_episode["val_accuracy"]:
                 self.best_episode = {
-                    "episode": self.episode, "val_accuracy": acc, "model": copy.deepcopy(raw.model).eval(),
-                    "widths": np.asarray(raw.group_widths).tolist(), "info": _plain_info(info),
+                    "episode": self.episode,
+                    "val_accuracy": acc,
+                    "model": copy.deepcopy(raw.model).eval(),
+                    "widths": np.asarray(raw.group_widths).tolist(),
+                    "info": _plain_info(info),
                 }
             self.episode += 1
         return obs, reward, terminated, truncated, info
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"teacher_val": self.teacher_val, "teacher_swaps": list(self.teacher_swaps),
-                "stage_records": json.loads(json.dumps(self.stage_records, default=_json_default)),
-                "episode": self.episode, "teacher_is_original": self.teacher is self.original}
+        return {
+            "teacher_val": self.teacher_val,
+            "teacher_swaps": list(self.teacher_swaps),
+            "stage_records": json.loads(json.dumps(self.stage_records, default=_json_default)),
+            "episode": self.episode,
+            "teacher_is_original": self.teacher is self.original,
+        }
 
     def load_state(self, state: dict[str, Any], teacher: torch.nn.Module | None) -> None:
         self.teacher_val = float(state["teacher_val"])
@@ -540,10 +609,21 @@ def _write_dir_atomically(final: Path, write: Any) -> None:
         raise
 
 
+def _remove_partial_checkpoints(out: Path) -> None:
+    """Delete the temporary folders a kill left behind mid-write (``.NNN.*``, ``.search.*``, ...)."""
+    for parent in (out, out / "stages"):
+        if parent.is_dir():
+            for tmp in parent.glob(".*"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _complete_stages(stages_dir: Path) -> list[Path]:
     if not stages_dir.is_dir():
         return []
-    return sorted(p for p in stages_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / _STATE_FILE).exists())
+    return sorted(
+        p for p in stages_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / _STATE_FILE).exists()
+    )
 
 
 class _Clock:
@@ -560,8 +640,9 @@ class _Clock:
 class _StageCheckpoint(BaseCallback):
     """Writes ``stages/NNN/`` after every committed stage (SB3 callback of the staged pruners)."""
 
-    def __init__(self, stages_dir: Path, recovery: _StageRecovery, clock: _Clock, keep_last: int = 2,
-                 bar: Any = None) -> None:
+    def __init__(
+        self, stages_dir: Path, recovery: _StageRecovery, clock: _Clock, keep_last: int = 2, bar: Any = None
+    ) -> None:
         super().__init__()
         self.clock = clock
         self.stages_dir = stages_dir
@@ -587,8 +668,13 @@ class _StageCheckpoint(BaseCallback):
                 save_model(self.recovery.teacher, tmp / "teacher.pt", stage=stage)
             self.model.save(tmp / "agent.zip")
             atomic_torch_save(
-                {"stage": stage, "env": _env_get_state(raw), "recovery": self.recovery.state(), "rng": _rng_state(),
-                 "wall": self.clock()},
+                {
+                    "stage": stage,
+                    "env": _env_get_state(raw),
+                    "recovery": self.recovery.state(),
+                    "rng": _rng_state(),
+                    "wall": self.clock(),
+                },
                 tmp / _STATE_FILE,
             )
 
@@ -597,8 +683,10 @@ class _StageCheckpoint(BaseCallback):
             shutil.rmtree(old, ignore_errors=True)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(val=f"{record.get('val_accuracy', float('nan')):.3f}",
-                                 macs=f"{record.get('macs_ratio') or float('nan'):.2f}")
+            self.bar.set_postfix(
+                val=f"{record.get('val_accuracy', float('nan')):.3f}",
+                macs=f"{record.get('macs_ratio') or float('nan'):.2f}",
+            )
         _after_checkpoint(stage)
         return True
 
@@ -626,8 +714,14 @@ def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str, num_stages: int) -> Any
     cls = _agent_class(cfg.algo)
     common = {"tensorboard_log": tb, "seed": cfg.seed, "verbose": 0}
     if cfg.algo == "rlpruner":
-        return cls("PruneDistributionPolicy", env, sample_num=cfg.sample_num, rounds_per_stage=cfg.rounds_per_stage,
-                   archive_size=max(cfg.sample_num, 1), **common)
+        return cls(
+            "PruneDistributionPolicy",
+            env,
+            sample_num=cfg.sample_num,
+            rounds_per_stage=cfg.rounds_per_stage,
+            archive_size=max(cfg.sample_num, 1),
+            **common,
+        )
     if cfg.algo in ("uniform", "global"):
         return cls("PruneDistributionPolicy", env, **common)
     n = max(2, num_stages)
@@ -635,7 +729,9 @@ def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str, num_stages: int) -> Any
         return cls("MlpPolicy", env, n_steps=n, batch_size=n, n_epochs=4, device="cpu", **common)
     if cfg.algo == "a2c":
         return cls("MlpPolicy", env, n_steps=n, device="cpu", **common)
-    return cls("MlpPolicy", env, learning_starts=n, buffer_size=10_000, batch_size=min(64, n), device="cpu", **common)
+    return cls(
+        "MlpPolicy", env, learning_starts=n, buffer_size=10_000, batch_size=min(64, n), device="cpu", **common
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +775,9 @@ def _latency_side_by_side(models: dict[str, torch.nn.Module], data: Any, device:
         samples: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(3):  # three interleaved rounds; the median of the medians is reported
             for name, model in models.items():
-                samples[name].append(measure_latency(model, size, batch_size=batch, repeats=reps, device=device)["median_ms"])
+                samples[name].append(
+                    measure_latency(model, size, batch_size=batch, repeats=reps, device=device)["median_ms"]
+                )
         for name in models:
             out[name][key] = float(np.median(samples[name]))
     return out
@@ -695,17 +793,19 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     """Run one compression (see the module docstring) and return the summary written to ``summary.json``."""
     cfg = config
     validate(cfg)
-    from models import load_model, save_model
-
     from experiments.plots import plot_policy
+    from models import load_model, save_model
 
     device = resolve_device(cfg.device)
     if cfg.out is None:
         name = cfg.model or (cfg.env or "env").removeprefix("envs:")
-        cfg = dataclasses.replace(cfg, out=str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}")))
+        cfg = dataclasses.replace(
+            cfg, out=str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}"))
+        )
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)
+        _remove_partial_checkpoints(out)
     else:
         write_json(out / "config.json", cfg)
     clock = _Clock()
@@ -733,8 +833,9 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             _env_set_state(raw, state["env"], load_model(last / "model.pt"), cfg.seed)
             teacher = load_model(last / "teacher.pt").to(device) if (last / "teacher.pt").exists() else None
             recovery.load_state(state["recovery"], teacher)
-            agent = _agent_class(cfg.algo).load(last / "agent.zip", env=recovery, force_reset=False,
-                                                tensorboard_log=tb, device="cpu")
+            agent = _agent_class(cfg.algo).load(
+                last / "agent.zip", env=recovery, force_reset=False, tensorboard_log=tb, device="cpu"
+            )
             _set_rng_state(state["rng"])  # after load(): SB3 reseeds the global RNGs while loading
             clock.previous = float(state["wall"])
             done_stages = int(state["stage"])
@@ -742,11 +843,17 @@ def compress(config: PruneConfig) -> dict[str, Any]:
         if not search_done:
             if agent is None:
                 agent = _make_agent(cfg, recovery, tb, num_stages)
-            bar = tqdm(total=num_stages, initial=done_stages, desc=f"prune {cfg.algo}", disable=not cfg.progress)
+            bar = tqdm(
+                total=num_stages, initial=done_stages, desc=f"prune {cfg.algo}", disable=not cfg.progress
+            )
             try:
                 callback = _StageCheckpoint(stages_dir, recovery, clock, bar=bar)
-                agent.learn(num_stages - done_stages, callback=callback, reset_num_timesteps=done_stages == 0,
-                            tb_log_name=cfg.algo)
+                agent.learn(
+                    num_stages - done_stages,
+                    callback=callback,
+                    reset_num_timesteps=done_stages == 0,
+                    tb_log_name=cfg.algo,
+                )
             finally:
                 bar.close()
             history = getattr(agent, "history", [])
@@ -781,10 +888,16 @@ def compress(config: PruneConfig) -> dict[str, Any]:
         if best is None:
             raise RuntimeError(f"{cfg.algo} finished no episode in {num_stages * cfg.episodes} timesteps")
         search = {
-            "evaluations": 0, "distribution": None, "widths": best["widths"],
-            "initial_widths": np.asarray(raw.initial_group_widths).tolist(), "info": best["info"],
-            "stage_records": recovery.stage_records, "teacher_swaps": recovery.teacher_swaps,
-            "teacher_val": recovery.teacher_val, "best_episode": best["episode"], "collapse_stages": [],
+            "evaluations": 0,
+            "distribution": None,
+            "widths": best["widths"],
+            "initial_widths": np.asarray(raw.initial_group_widths).tolist(),
+            "info": best["info"],
+            "stage_records": recovery.stage_records,
+            "teacher_swaps": recovery.teacher_swaps,
+            "teacher_val": recovery.teacher_val,
+            "best_episode": best["episode"],
+            "collapse_stages": [],
         }
         _save_search(out, best["model"], recovery.teacher, recovery, search, clock)
 
@@ -814,8 +927,13 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             best_model.load_state_dict(state)
             save_model(best_model, tmp / "best.pt", epoch=epoch)
             atomic_torch_save(
-                {"epoch": epoch, "best_val": best_val, "rng": _rng_state(), "wall": clock(),
-                 "records_json": json.dumps(final_records + records, default=_json_default)},
+                {
+                    "epoch": epoch,
+                    "best_val": best_val,
+                    "rng": _rng_state(),
+                    "wall": clock(),
+                    "records_json": json.dumps(final_records + records, default=_json_default),
+                },
                 tmp / _STATE_FILE,
             )
 
@@ -823,9 +941,18 @@ def compress(config: PruneConfig) -> dict[str, Any]:
 
     if cfg.final_finetune_epochs > 0 and start_epoch < cfg.final_finetune_epochs:
         _, records = _kd_epochs(
-            student, teacher, data, cfg.final_finetune_epochs, seed=cfg.seed, stage=10_000,
-            learning_rate=cfg.kd_learning_rate, batch_size=cfg.kd_batch_size, device=device,
-            start_epoch=start_epoch, best=(best_acc, best_state), on_epoch=on_epoch,
+            student,
+            teacher,
+            data,
+            cfg.final_finetune_epochs,
+            seed=cfg.seed,
+            stage=10_000,
+            learning_rate=cfg.kd_learning_rate,
+            batch_size=cfg.kd_batch_size,
+            device=device,
+            start_epoch=start_epoch,
+            best=(best_acc, best_state),
+            on_epoch=on_epoch,
         )
         final_records += records
     else:
@@ -841,11 +968,23 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     initial_widths = np.asarray(search["initial_widths"], dtype=np.int64)
     widths = np.asarray(search["widths"], dtype=np.int64)
     sparsity = float(1.0 - widths.sum() / max(initial_widths.sum(), 1))
-    save_model(student, out / "compressed.pt", sparsity=sparsity, val_accuracy=final["val_accuracy"],
-               algo=cfg.algo, widths=widths.tolist())
+    save_model(
+        student,
+        out / "compressed.pt",
+        sparsity=sparsity,
+        val_accuracy=final["val_accuracy"],
+        algo=cfg.algo,
+        widths=widths.tolist(),
+    )
     group_names = _group_names(raw, len(widths))
-    plot_policy(out / "policy.png", initial_widths, widths, search.get("distribution"), group_names,
-                title=f"{cfg.algo}: sparsity {sparsity:.2f}, MACs x{_ratio(base['macs'], final['macs']) or 0:.2f}")
+    plot_policy(
+        out / "policy.png",
+        initial_widths,
+        widths,
+        search.get("distribution"),
+        group_names,
+        title=f"{cfg.algo}: sparsity {sparsity:.2f}, MACs x{_ratio(base['macs'], final['macs']) or 0:.2f}",
+    )
     wall = clock()
     summary = {
         "algo": cfg.algo,
@@ -882,8 +1021,14 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     return summary
 
 
-def _save_search(out: Path, pruned: torch.nn.Module, teacher: torch.nn.Module, recovery: _StageRecovery,
-                 search: dict, clock: _Clock) -> None:
+def _save_search(
+    out: Path,
+    pruned: torch.nn.Module,
+    teacher: torch.nn.Module,
+    recovery: _StageRecovery,
+    search: dict,
+    clock: _Clock,
+) -> None:
     """Checkpoint the end of the search: the pruned model, its teacher and the search's record."""
     from models import save_model
 

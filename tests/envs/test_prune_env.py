@@ -57,7 +57,10 @@ def test_gymnasium_and_sb3_checkers_on_every_id(env_id):
 
     import envs  # noqa: F401  (registers the ids)
 
-    env = gym.make(env_id, **TINY, train_size=200, val_size=20, target_sparsity=0.2, stage_sparsity=0.1)
+    # l1 importance keeps the checkers quick; the Taylor path is exercised by the other tests
+    env = gym.make(
+        env_id, **TINY, train_size=200, val_size=20, target_sparsity=0.2, stage_sparsity=0.1, criterion="l1"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_env(env.unwrapped, skip_render_check=True)
@@ -86,7 +89,9 @@ def test_one_stage_on_each_paper_model(data, name):
     assert counts.sum() == env.stage_size and info["removed"] == counts.tolist()
     # MACs and params strictly drop; closed form == counter
     assert info["macs"] < info0["macs"] and info["params"] < info0["params"]
-    assert (info["closed_form_macs"], info["closed_form_params"]) == count_macs_params(env.model, env.input_size)
+    assert (info["closed_form_macs"], info["closed_form_params"]) == count_macs_params(
+        env.model, env.input_size
+    )
     assert (info["macs"], info["params"]) == count_macs_params(env.model, env.input_size)
     assert 0 < info["macs_ratio"] < 1 and 0 < info["params_ratio"] < 1
     assert info["sparsity"] == pytest.approx(env.stage_size / env.n0)
@@ -136,7 +141,9 @@ def test_evaluate_many_and_backends(data):
         return [e.evaluate(a) for a in acts]
 
     register_evaluate_backend("test-backend", backend)
-    assert [r for r, _ in env.evaluate_many(actions, backend="test-backend", workers=2)] == [r for r, _ in serial]
+    assert [r for r, _ in env.evaluate_many(actions, backend="test-backend", workers=2)] == [
+        r for r, _ in serial
+    ]
     assert calls == [(3, 2)]
     with pytest.raises(ValueError, match="backend"):
         env.evaluate_many(actions, backend="nope")
@@ -234,7 +241,14 @@ def test_bad_actions_raise_and_leave_env_untouched(data):
     env.reset(seed=0)
     state, obs, rng = _state(env), env._obs(), env.np_random.bit_generator.state
     g = env.num_groups
-    bad = [np.full(g, np.nan), np.r_[np.inf, np.ones(g - 1)], np.ones(g + 1), np.ones((1, g)), -np.ones(g), "abc"]
+    bad = [
+        np.full(g, np.nan),
+        np.r_[np.inf, np.ones(g - 1)],
+        np.ones(g + 1),
+        np.ones((1, g)),
+        -np.ones(g),
+        "abc",
+    ]
     for action in bad:
         for call in (env.step, env.evaluate, env.allocate):
             with pytest.raises(ValueError):
@@ -254,7 +268,7 @@ def test_bad_actions_raise_and_leave_env_untouched(data):
         ({"model_name": "alexnet"}, "unknown model"),
         ({"round_to": 0}, "round_to"),
         ({"min_channels": 0}, "min_channels"),
-        ({"target_sparsity": 0.95, "min_channels": 4}, "removable"),
+        ({"target_sparsity": 0.6, "min_channels": 200}, "removable"),
     ],
 )
 def test_bad_arguments_raise(data, kwargs, match):

@@ -142,8 +142,48 @@ def test_bad_requests_raise():
 
 def test_unsupported_grouped_conv_is_reported():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
     with pytest.raises(NotImplementedError, match="grouped conv"):
         GroupPruner(model, torch.zeros(INPUT), ignored_layers=[model[-1]])
+
+
+@pytest.mark.parametrize("name", ["googlenet", "densenet121", "mobilenetv3_large"])
+def test_batched_surgery_matches_torch_pruning_group_by_group(name):
+    """Two stages of our one-call-per-layer surgery == Torch-Pruning's own Group.prune, in sequence."""
+    import torch_pruning as tp
+
+    model = _tiny(name)
+    reference = copy.deepcopy(model)
+    pruner = _pruner(model)
+    ref_graph = tp.DependencyGraph().build_dependency(
+        reference, example_inputs=torch.zeros(INPUT), verbose=False
+    )
+    ref_modules = dict(reference.named_modules())
+    x = torch.randn(4, 3, 32, 32)
+    for stage in range(2):
+        pruner.set_ranking(pruner.importance("l1"))
+        counts = _random_counts(pruner.widths, seed=stage) // 2
+        cost = pruner.cost_model(INPUT)
+        with torch.no_grad(), pruner.masked(counts):
+            masked = model(x)
+        roots = [g.root_name for g in pruner.groups]
+        removed = pruner.prune(counts)
+        for root_name, idxs in zip(roots, removed, strict=True):
+            if len(idxs):
+                root = ref_modules[root_name]
+                fn = ref_graph.get_pruner_of_module(root).prune_out_channels
+                ref_graph.get_pruning_group(root, fn, idxs.tolist()).prune()
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            assert torch.equal(ours[k], theirs[k]), (stage, k)
+        with torch.no_grad():
+            assert (model(x) - masked).abs().max().item() < 1e-4
+        assert cost(pruner.widths) == count_macs_params(model, INPUT)

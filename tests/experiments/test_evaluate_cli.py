@@ -25,8 +25,19 @@ def tiny_model_file(tmp_path_factory):
 def test_evaluate_prints_table_and_writes_json(tiny_model_file, tmp_path, capsys):
     path, macs, params = tiny_model_file
     out = tmp_path / "eval.json"
-    code = main(["evaluate", "--checkpoint", str(path), "--dataset", "digits", "--latency-repeats", "2",
-                 "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(path),
+            "--dataset",
+            "digits",
+            "--latency-repeats",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "test_accuracy" in printed and "macs" in printed and "latency_ms_b64" in printed
@@ -38,8 +49,22 @@ def test_evaluate_prints_table_and_writes_json(tiny_model_file, tmp_path, capsys
 
 def test_evaluate_val_split_without_latency(tiny_model_file, capsys):
     path, _, _ = tiny_model_file
-    assert main(["evaluate", "--checkpoint", str(path), "--dataset", "digits", "--split", "val",
-                 "--latency-repeats", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(path),
+                "--dataset",
+                "digits",
+                "--split",
+                "val",
+                "--latency-repeats",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "val_accuracy" in capsys.readouterr().out
 
 
@@ -71,5 +96,7 @@ def test_foreign_and_missing_files_and_bad_names(tiny_model_file, tmp_path, caps
     assert main(["evaluate", "--checkpoint", str(path), "--dataset", "digits", "--split", "dev"]) == 2
     assert "valid splits" in _one_error_line(capsys)
     # a grey-image model on 3-channel images
-    assert main(["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--latency-repeats", "0"]) == 2
+    assert (
+        main(["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--latency-repeats", "0"]) == 2
+    )
     assert "channel" in _one_error_line(capsys)

@@ -26,10 +26,37 @@ def base_checkpoint(tmp_path_factory):
 
 def _args(checkpoint, out, *extra):
     return [
-        "prune", "--model", "vgg11", "--dataset", "digits", "--checkpoint", str(checkpoint),
-        "--sparsity", "0.5", "--stage-sparsity", "0.25", "--sample-num", "2", "--rounds-per-stage", "1",
-        "--finetune-epochs", "1", "--final-finetune-epochs", "2", "--calibration-size", "32",
-        "--latency-repeats", "2", "--device", "cpu", "--no-progress", "--seed", "3", "--out", str(out), *extra,
+        "prune",
+        "--model",
+        "vgg11",
+        "--dataset",
+        "digits",
+        "--checkpoint",
+        str(checkpoint),
+        "--sparsity",
+        "0.5",
+        "--stage-sparsity",
+        "0.25",
+        "--sample-num",
+        "2",
+        "--rounds-per-stage",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--final-finetune-epochs",
+        "2",
+        "--calibration-size",
+        "32",
+        "--latency-repeats",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -152,3 +179,34 @@ def test_uniform_baseline_and_sb3_algorithm_share_the_outputs(base_checkpoint, t
         assert summary["algo"] == algo
         assert summary["final"]["macs"] < summary["baseline"]["macs"]
         assert (out / "compressed.pt").is_file() and (out / "policy.png").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(base_checkpoint, full_run, tmp_path):
+    """A real SIGKILL (no cleanup code runs) once stage 1 is checkpointed, then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = _args(base_checkpoint, out)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (out / "stages" / "001" / "state.pt").exists():
+        assert proc.poll() is None, "the run ended before stage 1 was checkpointed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    assert main(_args(base_checkpoint, out, "--resume")) == 0
+    a = torch.load(full_run / "compressed.pt", weights_only=True)["state_dict"]
+    b = torch.load(out / "compressed.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    sa = _strip_timing(json.loads((full_run / "summary.json").read_text()))
+    sb = _strip_timing(json.loads((out / "summary.json").read_text()))
+    assert sa == sb

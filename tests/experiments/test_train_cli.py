@@ -11,8 +11,21 @@ from experiments import train as train_mod
 from experiments.cli import main
 from models import create_model, load_model
 
-TINY = ["--model", "vgg11", "--dataset", "digits", "--width-mult", "0.125", "--epochs", "2",
-        "--train-size", "300", "--batch-size", "64", "--no-progress"]
+TINY = [
+    "--model",
+    "vgg11",
+    "--dataset",
+    "digits",
+    "--width-mult",
+    "0.125",
+    "--epochs",
+    "2",
+    "--train-size",
+    "300",
+    "--batch-size",
+    "64",
+    "--no-progress",
+]
 
 
 def _summary(path):
@@ -86,7 +99,9 @@ def test_bad_arguments(tmp_path, capsys, extra, message):
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
-    assert main(["train", *TINY[:-3], "--batch-size", "32", "--no-progress", "--out", str(out), "--resume"]) == 2
+    assert (
+        main(["train", *TINY[:-3], "--batch-size", "32", "--no-progress", "--out", str(out), "--resume"]) == 2
+    )
     assert "batch_size" in capsys.readouterr().err
 
 

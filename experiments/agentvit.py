@@ -1,0 +1,1151 @@
+"""``keepgym agentvit``: train a ViT while an RL agent learns which patches it sees (AgentViT).
+
+    keepgym agentvit --dataset digits --epochs 15 --baseline --out runs/agentvit-digits
+    keepgym evaluate --vit runs/agentvit-digits/vit.pt --agent runs/agentvit-digits/agent.zip --dataset digits
+
+One ``PatchSelectEnv`` step is one ViT training step on one mini-batch, with the patches the agent
+chooses (AgentViT; Cauteruccio et al., Applied Intelligence 2025); an epoch is an episode. The agent
+(``agents.DDQN`` by default, or SB3's DQN, PPO, A2C) is trained by its own ``learn`` loop, which
+drives the env, so ViT and agent learn jointly and online. Warm-up epochs (all patches, nothing for
+the agent to learn) are run inside the env wrapper's ``reset``, so the agent only ever stores
+transitions that carry a reward.
+
+After training, the jointly trained ViT is scored on the **test** split four ways at the same mean
+number of kept patches ``k`` (the agent's own mean on the test split):
+
+* ``agent``: the agent chooses per batch, as during training (ViT: the joint one);
+* ``random``: ``k`` random patches per image (joint ViT);
+* ``topk``: the ``k`` patches with the highest block-``state_layer`` attention, per image, EViT-like
+  (joint ViT);
+* ``full``: all patches. With ``--baseline`` this is a *separate* ViT trained with the same settings
+  (epochs, seed, data order, initialisation) on all patches and no agent, and ``full.train_seconds``
+  is its training time; without ``--baseline`` it is the joint ViT on all patches.
+* ``joint_full`` (always): the joint ViT on all patches.
+
+``images_per_second`` of the blocks is measured side by side (interleaved rounds, median), at the
+training batch size; ``macs_per_image`` counts the forward pass plus the scoring pass where the
+selection needs scores (``agent``, ``topk``), with both parts also given separately.
+
+Outputs in ``--out``: ``summary.json``, ``config.json``, ``agent.zip``, ``vit.pt`` (the joint ViT,
+:func:`models.save_model`, with the selection settings ``keepgym evaluate --vit`` needs),
+``baseline_vit.pt`` (with ``--baseline``), ``patches.png``, TensorBoard events (agent logs,
+``env/*`` from :class:`agents.callbacks.EnvInfoCallback`, ``eval/*`` per epoch) and
+``checkpoint/`` (after every epoch: ViT, optimiser, env and RNG states, agent zip and replay
+buffer), from which ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
+from experiments.common import (
+    CliError,
+    arg,
+    atomic_torch_save,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
+
+__all__ = [
+    "AgentViTConfig",
+    "Config",
+    "COMMAND",
+    "DESCRIPTION",
+    "train_agentvit",
+    "run",
+    "evaluate_selection",
+    "evaluate_agentvit",
+    "benchmark_agentvit",
+]
+
+logger = logging.getLogger(__name__)
+
+COMMAND = "agentvit"
+DESCRIPTION = "Train a ViT jointly with an RL agent that picks its patches (AgentViT); compare with heuristics."
+
+ALGOS = ("ddqn", "dqn", "ppo", "a2c")
+ACTION_MODES = ("ratio", "mask")
+VIT_PRESETS = ("vit_tiny", "vit_small", "vit_cifar")
+AGENT_PRESETS = ("ours", "agentvit")
+STATES = ("attention", "agentvit")
+BLOCKS = ("full", "agent", "random", "topk", "joint_full")
+_TB_NAME = "agentvit"
+
+
+@dataclass
+class AgentViTConfig:
+    """Settings of one ``keepgym agentvit`` run (saved as ``config.json``)."""
+
+    dataset: str = arg(help="dataset", choices=DATASETS)
+    out: str | None = arg(None, help="run folder (default runs/agentvit-DATASET-ALGO-MODE-sSEED)")
+    epochs: int = arg(15, help="training epochs (one epoch = one episode)")
+    action_mode: str = arg("ratio", help="ratio: a keep ratio per batch, top-k per image; mask: one mask per batch",
+                           choices=ACTION_MODES)
+    algo: str = arg("ddqn", help="agent: ddqn (agents.DDQN), dqn, ppo, a2c (Stable-Baselines3)", choices=ALGOS)
+    agent_preset: str = arg("ours", help="ddqn hyper-parameters: ours (DDQN defaults) or agentvit (reference)",
+                            choices=AGENT_PRESETS)
+    preset: str = arg("vit_small", help="ViT size", choices=VIT_PRESETS)
+    patch_size: int = arg(4, help="patch side in pixels (must divide the image size)")
+    image_size: int | None = arg(None, help="resize images to this size (default: the dataset's own)")
+    batch_size: int = arg(128, help="ViT training batch size (one env step)")
+    learning_rate: float = arg(1e-3, help="ViT Adam learning rate")
+    warmup_epochs: int = arg(1, help="first epochs on all patches, before the agent acts")
+    target_keep: int | None = arg(None, help="patches the reward aims for (default round(30/64 * N))")
+    keep_ratios: tuple[float, ...] = arg((0.25, 0.375, 0.5, 0.75, 1.0), help="keep ratios of the ratio mode")
+    patch_weight: float = arg(20.0, help="weight of the patch-count reward term")
+    state: str = arg("attention", help="observation: attention received per patch, or agentvit", choices=STATES)
+    state_layer: int = arg(0, help="block whose attention makes the observation")
+    augment: bool = arg(True, help="random crop + flip on training batches")
+    baseline: bool = arg(False, help="also train a full-patch ViT with the same settings (full block)")
+    train_size: int | None = arg(None, help="use at most this many training images (synthetic: generate this many)")
+    test_size: int | None = arg(None, help="use at most this many test images")
+    val_size: float = arg(0.1, help="fraction of the training images held out for validation")
+    data_root: str | None = arg(None, help="folder of the torchvision datasets")
+    download: bool = arg(False, help="download a missing torchvision dataset (needs internet)")
+    examples: int = arg(8, help="test images shown in patches.png")
+    speed_rounds: int = arg(3, help="interleaved rounds of the final images/s measurement")
+    num_threads: int | None = arg(None, help="torch CPU threads (default: leave as set)")
+    device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
+    seed: int = arg(0, help="random seed (data split, ViT initialisation, data order, agent)")
+    force: bool = arg(False, help="overwrite an existing run folder")
+    resume: bool = arg(False, help="continue the interrupted run in --out")
+    progress: bool = arg(True, help="show a progress bar")
+    # Tests only: stop (as if killed) right after the checkpoint of this epoch.
+    _stop_after_epoch: int | None = None
+
+
+Config = AgentViTConfig
+
+
+class _Stop(Exception):
+    """Raised by the checkpoint callback to simulate an interruption (tests)."""
+
+
+# --------------------------------------------------------------------------- validation
+def default_out(cfg: AgentViTConfig) -> str:
+    """The run folder used when ``--out`` is not given."""
+    return f"runs/agentvit-{cfg.dataset}-{cfg.algo}-{cfg.action_mode}-s{cfg.seed}"
+
+
+def validate(cfg: AgentViTConfig) -> None:
+    """Check every setting before any work starts (raises :class:`CliError`)."""
+    if cfg.dataset not in DATASETS:
+        raise CliError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+    for name, value, choices in (
+        ("--algo", cfg.algo, ALGOS),
+        ("--action-mode", cfg.action_mode, ACTION_MODES),
+        ("--preset", cfg.preset, VIT_PRESETS),
+        ("--agent-preset", cfg.agent_preset, AGENT_PRESETS),
+        ("--state", cfg.state, STATES),
+    ):
+        if value not in choices:
+            raise CliError(f"{name} {value!r} is not one of {', '.join(choices)}")
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
+        (cfg.warmup_epochs < cfg.epochs,
+         f"--warmup-epochs ({cfg.warmup_epochs}) must be smaller than --epochs ({cfg.epochs}) so the agent acts"),
+        (cfg.batch_size >= 2, f"--batch-size must be >= 2, got {cfg.batch_size}"),
+        (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
+        (cfg.patch_size >= 1, f"--patch-size must be >= 1, got {cfg.patch_size}"),
+        (cfg.image_size is None or cfg.image_size >= 4, f"--image-size must be >= 4, got {cfg.image_size}"),
+        (len(cfg.keep_ratios) >= 1 and all(0 < r <= 1 for r in cfg.keep_ratios),
+         f"--keep-ratios must be values in (0, 1], got {list(cfg.keep_ratios)}"),
+        (cfg.patch_weight >= 0, f"--patch-weight must be >= 0, got {cfg.patch_weight}"),
+        (cfg.state_layer >= 0, f"--state-layer must be >= 0, got {cfg.state_layer}"),
+        (0 < cfg.val_size < 1, f"--val-size must be in (0, 1), got {cfg.val_size}"),
+        (cfg.train_size is None or cfg.train_size >= 10, f"--train-size must be >= 10, got {cfg.train_size}"),
+        (cfg.test_size is None or cfg.test_size >= 1, f"--test-size must be >= 1, got {cfg.test_size}"),
+        (cfg.examples >= 1, f"--examples must be >= 1, got {cfg.examples}"),
+        (cfg.speed_rounds >= 1, f"--speed-rounds must be >= 1, got {cfg.speed_rounds}"),
+        (cfg.num_threads is None or cfg.num_threads >= 1, f"--num-threads must be >= 1, got {cfg.num_threads}"),
+        (not (cfg.force and cfg.resume), "--force and --resume exclude each other"),
+        (not (cfg.algo == "dqn" and cfg.action_mode == "mask"),
+         "--algo dqn supports only --action-mode ratio (SB3's DQN needs a Discrete action space); "
+         "use --algo ddqn, ppo or a2c for masks"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise CliError(msg)
+    size = cfg.image_size or (32 if cfg.dataset in ("digits", "synthetic") else None)
+    if size is not None and size % cfg.patch_size:
+        raise CliError(f"--patch-size {cfg.patch_size} does not divide the image size {size}")
+    if size is not None:
+        n = (size // cfg.patch_size) ** 2
+        if n < 2:
+            raise CliError(f"--patch-size {cfg.patch_size} leaves {n} patch; patch selection needs at least 2")
+        if cfg.target_keep is not None and not 1 <= cfg.target_keep <= n - 1:
+            raise CliError(f"--target-keep must be in [1, {n - 1}] for {n} patches, got {cfg.target_keep}")
+    depth = _vit_dims(cfg.preset)["depth"]
+    if cfg.state_layer >= depth:
+        raise CliError(f"--state-layer must be < the depth {depth} of {cfg.preset}, got {cfg.state_layer}")
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir() and not cfg.download:
+        raise CliError(f"--data-root {cfg.data_root} is not a folder")
+
+
+def _vit_dims(preset: str) -> dict[str, int]:
+    """Width, depth and heads of a ViT preset, as ``PatchSelectEnv`` keyword arguments."""
+    from models import create_model
+
+    vit = create_model(preset, num_classes=2, in_chans=1, image_size=8, patch_size=4)
+    return dict(dim=vit.dim, depth=vit.depth, heads=vit.heads, mlp_dim=vit.mlp_dim, dim_head=vit.dim_head)
+
+
+# --------------------------------------------------------------------------- env wrapper
+class _JointTraining(gym.Wrapper):
+    """``PatchSelectEnv`` as the agent sees it: warm-up hidden, resumable, with a progress hook.
+
+    * ``reset`` runs the warm-up epochs itself (ViT on all patches, reward 0), so every transition the
+      agent stores carries a reward.
+    * Before every un-seeded inner reset it records the env state that reset starts from; with the
+      ViT/optimiser weights and the steps taken since, that is enough to rebuild the env exactly
+      (:meth:`state`, :meth:`restore_on_next_reset`). This reaches into ``PatchSelectEnv``'s private
+      attributes (``_epoch``, ``_loss_ref``, ``_loader``, ``_iter`` ...): the env has no public
+      state_dict yet.
+    * A mask that keeps nothing (a greedy branching head can say "drop" on every branch) is replaced
+      by the patch with the highest observed attention, so training never stops on it.
+    """
+
+    def __init__(self, env: gym.Env, on_step: Callable[[dict], None] | None = None) -> None:
+        super().__init__(env)
+        self.on_step = on_step
+        self.steps_in_epoch = 0
+        self._pre_reset: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
+        self._obs: np.ndarray | None = None
+
+    @property
+    def core(self) -> Any:
+        return self.env.unwrapped
+
+    def _warmup_action(self) -> Any:
+        if self.core.action_mode == "ratio":
+            return len(self.core.keep_ratios) - 1
+        return np.ones(self.core.num_patches, dtype=np.int8)
+
+    def _fix(self, action: Any) -> Any:
+        if self.core.action_mode == "mask":
+            a = np.asarray(action).reshape(-1)
+            if a.size == self.core.num_patches and not a.any():
+                a = np.zeros_like(a)
+                a[int(np.argmax(self._obs))] = 1
+                return a
+        return action
+
+    def _inner_reset(self, seed: int | None, options: dict | None) -> tuple[np.ndarray, dict]:
+        core = self.core
+        if seed is None and core._run_started:
+            self._pre_reset = {
+                "epoch": core._epoch,
+                "loss_ref": core._loss_ref,
+                "generator": core._loader.generator.get_state(),
+                "np_random": copy.deepcopy(core.np_random.bit_generator.state),
+            }
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.steps_in_epoch = 0
+        self._obs = obs
+        return obs, info
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if self._pending is not None:
+            return self._restore(self._pending.pop("state"))
+        obs, info = self._inner_reset(seed, options)
+        while info.get("warmup"):
+            truncated = False
+            while not truncated:
+                obs, _, _, truncated, step_info = self.step(self._warmup_action())
+            obs, info = self._inner_reset(None, None)
+        return obs, info
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(self._fix(action))
+        self.steps_in_epoch += 1
+        self._obs = obs
+        if self.on_step is not None:
+            self.on_step(info)
+        return obs, reward, terminated, truncated, info
+
+    # ------------------------------------------------------------------ checkpoint support
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild the env at this point (between two steps)."""
+        core = self.core
+        if self._pre_reset is None:
+            raise RuntimeError("no epoch boundary seen yet; nothing to checkpoint")
+        return {
+            "vit": core.vit.state_dict(),
+            "optimizer": core._optimizer.state_dict(),
+            "pre_reset": self._pre_reset,
+            "steps_in_epoch": self.steps_in_epoch,
+        }
+
+    def restore_on_next_reset(self, state: dict[str, Any]) -> None:
+        """Make the next ``reset`` rebuild ``state`` instead of starting or continuing a run."""
+        self._pending = {"state": state}
+
+    def _restore(self, state: dict[str, Any]) -> tuple[np.ndarray, dict]:
+        self._pending = None
+        core = self.core
+        core.reset(seed=0)  # builds the optimiser; the weights are replaced next
+        core.vit.load_state_dict(state["vit"])
+        core._optimizer.load_state_dict(state["optimizer"])
+        pre = state["pre_reset"]
+        core._epoch = pre["epoch"]
+        core._loss_ref = pre["loss_ref"]
+        core._loader.generator.set_state(pre["generator"])
+        core.np_random.bit_generator.state = pre["np_random"]
+        obs, info = self._inner_reset(None, None)
+        steps = int(state["steps_in_epoch"])
+        if steps:
+            # Replay the data stream to where it was (augmentation draws included), then score.
+            for _ in range(steps):
+                core._batch = next(core._iter)
+            core._step = steps
+            core._scores = core._score(core._batch[0])
+            obs = core._observation()
+            self.steps_in_epoch = steps
+            self._obs = obs
+        return obs, info
+
+
+# --------------------------------------------------------------------------- agents
+def _agent_class(algo: str) -> type:
+    if algo == "ddqn":
+        from agents.ddqn import DDQN
+
+        return DDQN
+    import stable_baselines3 as sb3
+
+    return {"dqn": sb3.DQN, "ppo": sb3.PPO, "a2c": sb3.A2C}[algo]
+
+
+def _make_agent(cfg: AgentViTConfig, env: gym.Env, steps_per_epoch: int, tensorboard_log: str | None) -> Any:
+    """The agent of ``cfg.algo`` with defaults scaled to the run length (see the comments)."""
+    common = dict(seed=cfg.seed, tensorboard_log=tensorboard_log, device="cpu", verbose=0)
+    # One epoch of exploration before learning: runs are tens of epochs of ~10-400 steps, so SB3's
+    # fixed learning_starts=100 (DQN) would be most of a short run.
+    starts = max(1, min(100, steps_per_epoch))
+    cls = _agent_class(cfg.algo)
+    if cfg.algo == "ddqn":
+        if cfg.agent_preset == "agentvit":
+            return cls.agentvit(env, **common)
+        return cls("MlpPolicy", env, learning_starts=starts, **common)
+    if cfg.algo == "dqn":
+        # SB3's defaults update the target every 10k steps; here every epoch, short horizon as DDQN.
+        return cls(
+            "MlpPolicy", env, learning_rate=5e-4, buffer_size=10_000, learning_starts=starts, batch_size=64,
+            gamma=0.9, target_update_interval=max(1, steps_per_epoch), exploration_fraction=0.2,
+            exploration_final_eps=0.02, **common,
+        )
+    if cfg.algo == "ppo":
+        # One rollout = one epoch, so updates (and checkpoints) fall on epoch boundaries.
+        n_steps = max(2, steps_per_epoch)
+        return cls("MlpPolicy", env, n_steps=n_steps, batch_size=max(2, min(64, n_steps)), gamma=0.9, **common)
+    return cls("MlpPolicy", env, n_steps=max(1, min(8, steps_per_epoch)), gamma=0.9, **common)
+
+
+def _load_agent(algo: str, path: str | Path, env: gym.Env | None = None) -> Any:
+    return _agent_class(algo).load(str(path), env=env, device="cpu")
+
+
+# --------------------------------------------------------------------------- evaluation
+def _observation(scores: torch.Tensor, state: str) -> np.ndarray:
+    """The env's observation of a batch: the batch mean of the per-image scores."""
+    obs = scores.float().mean(dim=0).cpu().numpy().astype(np.float32)
+    return np.clip(obs, 0.0, 1.0) if state == "attention" else obs
+
+
+def _agent_chooser(agent: Any, action_mode: str, keep_counts: tuple[int, ...], state: str) -> Callable:
+    """``(scores) -> kept indices or None``: the agent's choice, applied as ``PatchSelectEnv.step`` does."""
+    from models.vit import select_topk
+
+    def choose(scores: torch.Tensor) -> torch.Tensor | None:
+        obs = _observation(scores, state)
+        action = np.asarray(agent.predict(obs, deterministic=True)[0])
+        n = scores.shape[1]
+        if action_mode == "ratio":
+            k = keep_counts[int(action.reshape(-1)[0])]
+            return None if k >= n else select_topk(scores, k)
+        kept = np.flatnonzero(action.reshape(-1))
+        if kept.size == 0:  # as in training (see _JointTraining): keep the most attended patch
+            kept = np.array([int(np.argmax(obs))])
+        if kept.size == n:
+            return None
+        return torch.as_tensor(kept, dtype=torch.long, device=scores.device)
+
+    return choose
+
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_selection(
+    vit: torch.nn.Module,
+    data: DatasetSplits,
+    split: str = "test",
+    choose: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    *,
+    needs_scores: bool = True,
+    state: str = "attention",
+    state_layer: int = 0,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Accuracy, MACs and images/s of ``vit`` on ``split`` with patches chosen by ``choose``.
+
+    Args:
+        vit: A ``models.vit.ViT``.
+        data: The dataset.
+        split: ``"test"``, ``"val"`` or ``"train"``.
+        choose: ``scores (B, N) -> kept indices (B, k) / (k,)`` or None (all patches); None keeps all.
+        needs_scores: Run the scoring pass (``vit.patch_scores``) and count it in time and MACs; False
+            passes zeros of the right shape to ``choose`` (e.g. random-k, which ignores them).
+        state: Scoring mode (``"attention"`` or ``"agentvit"``).
+        state_layer: Block whose attention is scored.
+        batch_size: Images per batch (per agent decision).
+        device: Where to run.
+
+    Returns:
+        ``accuracy``, ``macs_per_image`` (forward + scoring), ``forward_macs_per_image``,
+        ``score_macs_per_image``, ``images_per_second`` (scoring + selection + forward) and
+        ``kept_patches`` (mean per image).
+    """
+    x_all, y_all = data.split(split)
+    loader = BatchLoader(x_all, y_all, data, batch_size, shuffle=False, device=device)
+    was_training = vit.training
+    vit.eval()
+    n = vit.num_patches
+    scoring = choose is not None and needs_scores
+    correct = images = 0
+    kept_sum = macs_sum = seconds = 0.0
+    try:
+        for xb, yb in loader:
+            _sync(device)
+            start = time.perf_counter()
+            keep = None
+            if choose is not None:
+                scores = (
+                    vit.patch_scores(xb, layer=state_layer, mode=state)
+                    if needs_scores
+                    else torch.zeros(len(xb), n, device=xb.device)
+                )
+                keep = choose(scores)
+            logits = vit(xb, keep=keep)
+            _sync(device)
+            seconds += time.perf_counter() - start
+            k = n if keep is None else int(keep.shape[-1])
+            correct += int((logits.argmax(dim=1) == yb).sum())
+            images += len(yb)
+            kept_sum += k * len(yb)
+            macs_sum += vit.analytic_macs(k) * len(yb)
+    finally:
+        vit.train(was_training)
+    images = max(images, 1)
+    score_macs = float(vit.analytic_score_macs(state_layer)) if scoring else 0.0
+    forward_macs = macs_sum / images
+    return {
+        "accuracy": correct / images,
+        "macs_per_image": forward_macs + score_macs,
+        "forward_macs_per_image": forward_macs,
+        "score_macs_per_image": score_macs,
+        "images_per_second": images / max(seconds, 1e-12),
+        "kept_patches": kept_sum / images,
+    }
+
+
+def _side_by_side(
+    runs: dict[str, dict[str, Any]], rounds: int, common: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Evaluate every entry of ``runs`` in interleaved rounds; accuracy from round 1, median images/s.
+
+    ``runs[name]`` holds ``vit``, ``choose``, ``needs_scores`` and optionally ``reseed`` (called before
+    each round so random selections repeat).
+    """
+    results: dict[str, dict[str, float]] = {}
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    for rnd in range(rounds):
+        for name, spec in runs.items():
+            if spec.get("reseed") is not None:
+                spec["reseed"]()
+            r = evaluate_selection(spec["vit"], choose=spec["choose"], needs_scores=spec["needs_scores"], **common)
+            if rnd == 0:
+                results[name] = r
+            speeds[name].append(r["images_per_second"])
+    for name, values in speeds.items():
+        results[name]["images_per_second"] = float(np.median(values))
+    return results
+
+
+# --------------------------------------------------------------------------- baseline
+def _train_baseline(
+    env: Any, data: DatasetSplits, cfg: AgentViTConfig, device: torch.device, bar_desc: str
+) -> tuple[torch.nn.Module, float]:
+    """A full-patch ViT with the joint run's settings: same initialisation and data order, no agent.
+
+    ``env.reset(seed)`` builds the ViT exactly as the joint run's first reset did; the loop then trains
+    it on all patches with the same Adam settings and a loader seeded as the env seeds its own, and
+    skips the scoring pass the agent needs.
+    """
+    from tqdm.auto import tqdm
+
+    env.reset(seed=cfg.seed)
+    vit = env.vit
+    opt = torch.optim.Adam(vit.parameters(), lr=cfg.learning_rate, fused=device.type in ("cpu", "cuda"))
+    loader = BatchLoader(
+        data.train_x, data.train_y, data, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True,
+        device=device, generator=copy.deepcopy(env._loader.generator),
+    )
+    bar = tqdm(total=cfg.epochs * len(loader), desc=bar_desc, disable=not cfg.progress)
+    seconds = 0.0
+    vit.train()
+    try:
+        for _ in range(cfg.epochs):
+            for xb, yb in loader:
+                _sync(device)
+                start = time.perf_counter()
+                loss = F.cross_entropy(vit(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                _sync(device)
+                seconds += time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        bar.close()
+    return vit, seconds
+
+
+# --------------------------------------------------------------------------- figure
+def _patches_figure(
+    path: Path, vit: torch.nn.Module, data: DatasetSplits, agent_choose: Callable, k: int, cfg: AgentViTConfig,
+    device: torch.device,
+) -> None:
+    """Save example test images with the agent's kept patches (row 2) and attention top-k (row 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from models.vit import select_topk
+
+    x_u8, y = data.split("test")
+    x_u8, y = x_u8[: cfg.batch_size], y[: cfg.batch_size]
+    xb = data.normalize(x_u8.to(device))
+    vit.eval()
+    with torch.no_grad():
+        scores = vit.patch_scores(xb, layer=cfg.state_layer, mode=cfg.state)
+        keep_agent = agent_choose(scores)
+        keep_top = select_topk(scores, max(1, min(k, vit.num_patches)))
+        rows_keep = []
+        for keep in (keep_agent, keep_top):
+            if keep is None:
+                keep = torch.arange(vit.num_patches, device=xb.device)
+            if keep.dim() == 1:
+                keep = keep.unsqueeze(0).expand(len(xb), -1)
+            rows_keep.append(keep.cpu())
+        preds = [vit(xb, keep=rk.to(xb.device)).argmax(1).cpu() for rk in rows_keep]
+    vit.train()
+    m = min(cfg.examples, len(xb))
+    g, p = vit.grid, vit.patch_size
+    fig, axes = plt.subplots(3, m, figsize=(1.6 * m, 5.2), squeeze=False)
+    titles = ("image", "agent keeps", f"attention top-{k}")
+    for j in range(m):
+        img = x_u8[j].permute(1, 2, 0).numpy().astype(np.float32) / 255.0
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        cmap = "gray" if img.ndim == 2 else None
+        for r in range(3):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
+                ax.set_title(f"label {int(y[j])}", fontsize=8)
+                continue
+            kept = set(rows_keep[r - 1][j].tolist())
+            shade = np.full((g, g), 0.25, dtype=np.float32)
+            for idx in kept:
+                shade[idx // g, idx % g] = 1.0
+            shade = np.kron(shade, np.ones((p, p), dtype=np.float32))
+            shown = img * shade if img.ndim == 2 else img * shade[..., None]
+            ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
+            for idx in kept:
+                ax.add_patch(Rectangle(((idx % g) * p - 0.5, (idx // g) * p - 0.5), p, p, fill=False,
+                                       edgecolor="lime", linewidth=0.6))
+            ax.set_title(f"{len(kept)} kept, pred {int(preds[r - 1][j])}", fontsize=7)
+        for r in range(3):
+            axes[r][0].set_ylabel(titles[r], fontsize=8)
+    fig.suptitle(f"{cfg.dataset}: kept patches (bright, green boxes) on test images", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- training
+def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device) -> Any:
+    from envs.patch_select_env import PatchSelectEnv
+
+    try:
+        return PatchSelectEnv(
+            data=data, patch_size=cfg.patch_size, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+            action_mode=cfg.action_mode, keep_ratios=cfg.keep_ratios, target_keep=cfg.target_keep,
+            patch_weight=cfg.patch_weight, state=cfg.state, state_layer=cfg.state_layer,
+            warmup_epochs=cfg.warmup_epochs, device=device, augment=cfg.augment, **_vit_dims(cfg.preset),
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _load_data(cfg: AgentViTConfig) -> DatasetSplits:
+    try:
+        return load_dataset(
+            cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
+            image_size=cfg.image_size, train_size=cfg.train_size, test_size=cfg.test_size,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
+def _rng_states(agent: Any) -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "action_space": copy.deepcopy(agent.action_space.np_random.bit_generator.state),
+    }
+
+
+def _set_rng_states(agent: Any, states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    agent.action_space.np_random.bit_generator.state = states["action_space"]
+
+
+def _make_callback(
+    cfg: AgentViTConfig, wrapper: _JointTraining, data: DatasetSplits, ckpt_dir: Path, clock: dict,
+    device: torch.device,
+) -> Any:
+    """Checkpoint + per-epoch validation at the first rollout start after an epoch ended.
+
+    That point comes after the last step's transition is stored and its gradient step taken (SB3's
+    ``on_step`` comes before both), so a resumed run continues from a consistent state.
+    """
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class _EpochCheckpoint(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epoch_ended = False
+
+        def _on_step(self) -> bool:
+            if np.any(self.locals.get("dones", False)):
+                self.epoch_ended = True
+            return True
+
+        def _on_training_start(self) -> None:
+            # A run resumed in the middle of an epoch (A2C's short rollouts) is not at an episode start.
+            if getattr(self.model, "_last_episode_starts", None) is not None and wrapper.steps_in_epoch > 0:
+                self.model._last_episode_starts = np.zeros_like(self.model._last_episode_starts)
+
+        def _on_rollout_start(self) -> None:
+            if not self.epoch_ended:
+                return
+            self.epoch_ended = False
+            start = time.perf_counter()
+            epoch = _completed_epochs(wrapper)
+            _log_val(self.model, wrapper, cfg, data, device, epoch)
+            _save_checkpoint(ckpt_dir, self.model, wrapper, clock, epoch, finished=False)
+            clock["excluded"] += time.perf_counter() - start
+            if cfg._stop_after_epoch is not None and epoch >= cfg._stop_after_epoch:
+                raise _Stop
+
+    return _EpochCheckpoint()
+
+
+def _completed_epochs(wrapper: _JointTraining) -> int:
+    core = wrapper.core
+    return core.epoch if wrapper.steps_in_epoch < core.steps_per_epoch else core.epoch + 1
+
+
+def _log_val(agent: Any, wrapper: _JointTraining, cfg: AgentViTConfig, data: DatasetSplits,
+             device: torch.device, epoch: int) -> None:
+    core = wrapper.core
+    common = dict(state=cfg.state, state_layer=cfg.state_layer, batch_size=cfg.batch_size, device=device)
+    full = evaluate_selection(core.vit, data, "val", None, **common)
+    chosen = evaluate_selection(
+        core.vit, data, "val", _agent_chooser(agent, cfg.action_mode, core.keep_counts, cfg.state), **common
+    )
+    agent.logger.record("eval/val_accuracy_full", full["accuracy"])
+    agent.logger.record("eval/val_accuracy_agent", chosen["accuracy"])
+    agent.logger.record("eval/val_kept_patches", chosen["kept_patches"])
+    agent.logger.record("eval/epoch", epoch)
+    agent.logger.dump(step=agent.num_timesteps)
+
+
+def _save_checkpoint(ckpt_dir: Path, agent: Any, wrapper: _JointTraining, clock: dict, epoch: int,
+                     finished: bool) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    seconds = clock["before"] + (time.perf_counter() - clock["start"]) - clock["excluded"]
+    agent.save(ckpt_dir / "agent.zip")
+    if hasattr(agent, "save_replay_buffer"):
+        agent.save_replay_buffer(ckpt_dir / "replay_buffer.pkl")
+    # Last: its presence says the files above belong together.
+    atomic_torch_save(
+        {"env": wrapper.state(), "rng": _rng_states(agent), "epoch": epoch, "train_seconds": seconds,
+         "finished": finished},
+        ckpt_dir / "state.pt",
+    )
+
+
+def _check_resume(out: Path, cfg: AgentViTConfig) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        raise CliError(f"--resume: {out} has no config.json")
+    saved = json.loads(path.read_text())
+    ignore = {"resume", "force", "progress", "device", "num_threads", "_stop_after_epoch", "out"}
+    current = asdict(cfg)
+    diff = [k for k, v in saved.items() if k not in ignore and k in current and _jsonish(current[k]) != v]
+    if diff:
+        raise CliError(f"--resume: settings differ from the saved run in {', '.join(sorted(diff))}")
+
+
+def _jsonish(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def train_agentvit(cfg: AgentViTConfig) -> dict[str, Any] | None:
+    """Run joint ViT + agent training, the optional baseline and the final four-way test report.
+
+    Args:
+        cfg: The run's settings.
+
+    Returns:
+        The summary (also written to ``OUT/summary.json``); None if stopped by ``_stop_after_epoch``.
+
+    Raises:
+        CliError: A bad setting, an occupied run folder, or a resume that does not match.
+    """
+    validate(cfg)
+    if cfg.out is None:
+        cfg.out = default_out(cfg)
+    device = torch.device(resolve_device(cfg.device))
+    out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
+    if cfg.resume:
+        _check_resume(out, cfg)
+    write_json(out / "config.json", cfg)
+    previous_threads = torch.get_num_threads()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _train(cfg, out, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, Any] | None:
+    from tqdm.auto import tqdm
+
+    from agents.callbacks import EnvInfoCallback
+    from models import load_model_with_extra, save_model
+    from models.vit import select_random_k, select_topk
+
+    seed_everything(cfg.seed)
+    data = _load_data(cfg)
+    env = _build_env(cfg, data, device)
+    steps_per_epoch = env.steps_per_epoch
+    total_vit_steps = cfg.epochs * steps_per_epoch
+    agent_steps = (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch
+    ckpt_dir = out / "checkpoint"
+    state = None
+    if cfg.resume and (ckpt_dir / "state.pt").exists():
+        state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
+        logger.info("resuming %s after epoch %d", out, state["epoch"])
+
+    bar = tqdm(total=total_vit_steps, desc=f"agentvit {cfg.dataset} {cfg.algo}", disable=not cfg.progress)
+
+    def on_step(info: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}", kept=info["kept"], refresh=False)
+
+    wrapper = _JointTraining(env, on_step=on_step)
+    clock = {"before": 0.0, "excluded": 0.0, "start": time.perf_counter()}
+    if state is None:
+        agent = _make_agent(cfg, wrapper, steps_per_epoch, str(out))
+    else:
+        agent = _load_agent(cfg.algo, ckpt_dir / "agent.zip", env=wrapper)
+        if hasattr(agent, "load_replay_buffer") and (ckpt_dir / "replay_buffer.pkl").exists():
+            agent.load_replay_buffer(ckpt_dir / "replay_buffer.pkl")
+        agent.tensorboard_log = str(out)
+        _set_rng_states(agent, state["rng"])
+        wrapper.restore_on_next_reset(state["env"])
+        agent._last_obs = None  # make learn() reset the env, i.e. restore it
+        clock["before"] = state["train_seconds"]
+        bar.update(state["epoch"] * steps_per_epoch + state["env"]["steps_in_epoch"])
+    finished = state is not None and state["finished"]
+    callbacks = [
+        EnvInfoCallback(config={k: v for k, v in asdict(cfg).items() if not k.startswith("_")}),
+        _make_callback(cfg, wrapper, data, ckpt_dir, clock, device),
+    ]
+    try:
+        if not finished:
+            clock["start"] = time.perf_counter()
+            remaining = agent_steps - (agent.num_timesteps if state is not None else 0)
+            agent.learn(
+                remaining, callback=callbacks, tb_log_name=_TB_NAME, reset_num_timesteps=state is None,
+                log_interval=1,
+            )
+            _save_checkpoint(ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
+            state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
+    except _Stop:
+        return None
+    finally:
+        bar.close()
+    train_seconds = float(state["train_seconds"])
+    if finished:  # resumed after training had ended: rebuild the trained ViT from the final checkpoint
+        wrapper.restore_on_next_reset(state["env"])
+        wrapper.reset()
+    agent.save(out / "agent.zip")
+    vit = env.vit
+    selection = {
+        "action_mode": cfg.action_mode, "keep_ratios": list(cfg.keep_ratios), "keep_counts": list(env.keep_counts),
+        "state": cfg.state, "state_layer": cfg.state_layer, "batch_size": cfg.batch_size, "algo": cfg.algo,
+        "num_patches": env.num_patches,
+    }
+    data_settings = {
+        "dataset": cfg.dataset, "seed": cfg.seed, "val_size": cfg.val_size, "train_size": cfg.train_size,
+        "test_size": cfg.test_size, "image_size": cfg.image_size,
+    }
+    save_model(vit, out / "vit.pt", agentvit=selection, data=data_settings, train_seconds=train_seconds)
+
+    baseline = None
+    if cfg.baseline:
+        path, info_path = out / "baseline_vit.pt", out / "baseline.json"
+        if cfg.resume and path.exists() and info_path.exists():
+            base_vit = load_model_with_extra(path)[0].to(device)
+            base_seconds = json.loads(info_path.read_text())["train_seconds"]
+        else:
+            base_env = _build_env(cfg, data, device)
+            base_vit, base_seconds = _train_baseline(base_env, data, cfg, device, f"baseline {cfg.dataset}")
+            save_model(base_vit, path, data=data_settings, train_seconds=base_seconds)
+            write_json(info_path, {"train_seconds": base_seconds})
+        baseline = (base_vit, base_seconds)
+
+    summary = _final_report(cfg, data, env, agent, vit, baseline, train_seconds, device)
+    summary["agent"]["train_seconds"] = train_seconds
+    if cfg.baseline:
+        summary["speedup_train"] = summary["full"]["train_seconds"] / max(train_seconds, 1e-12)
+    summary.update(
+        dataset=cfg.dataset, algo=cfg.algo, action_mode=cfg.action_mode, preset=cfg.preset, epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs, seed=cfg.seed, num_patches=env.num_patches,
+        target_keep=env.target_keep, steps_per_epoch=steps_per_epoch, device=str(device),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    k = max(1, int(round(summary["agent"]["kept_patches"])))
+    chooser = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
+    try:
+        _patches_figure(out / "patches.png", vit, data, chooser, k, cfg, device)
+    except Exception as err:  # noqa: BLE001 - a missing figure must not lose the run's results
+        logger.warning("could not draw patches.png: %s", err)
+    write_json(out / "summary.json", summary)
+    writer_dir = out / f"{_TB_NAME}_final"
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(writer_dir)) as writer:
+        for block in ("full", "agent", "random", "topk", "joint_full"):
+            writer.add_scalar(f"final/test_accuracy_{block}", summary[block]["test_accuracy"], cfg.epochs)
+    del select_random_k, select_topk
+    return summary
+
+
+def _final_report(
+    cfg: AgentViTConfig, data: DatasetSplits, env: Any, agent: Any, vit: torch.nn.Module,
+    baseline: tuple[torch.nn.Module, float] | None, train_seconds: float, device: torch.device,
+) -> dict[str, Any]:
+    """The four (five) ways on the test split, side by side, plus validation accuracies."""
+    from models.vit import select_random_k, select_topk
+
+    common = dict(data=data, split="test", state=cfg.state, state_layer=cfg.state_layer,
+                  batch_size=cfg.batch_size, device=device)
+    agent_choose = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
+    # k = the agent's own mean number of kept patches on the test split.
+    agent_test = evaluate_selection(vit, choose=agent_choose, **common)
+    k = max(1, min(env.num_patches, int(round(agent_test["kept_patches"]))))
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=gen_device)
+
+    def reseed() -> None:
+        gen.manual_seed(cfg.seed + 12345)
+
+    runs: dict[str, dict[str, Any]] = {
+        "joint_full": {"vit": vit, "choose": None, "needs_scores": False},
+        "agent": {"vit": vit, "choose": agent_choose, "needs_scores": True},
+        "random": {"vit": vit, "choose": lambda s: select_random_k(s, k, gen), "needs_scores": False,
+                   "reseed": reseed},
+        "topk": {"vit": vit, "choose": lambda s: select_topk(s, k), "needs_scores": True},
+    }
+    if baseline is not None:
+        runs["full"] = {"vit": baseline[0], "choose": None, "needs_scores": False}
+    results = _side_by_side(runs, cfg.speed_rounds, common)
+    if baseline is None:
+        results["full"] = dict(results["joint_full"])
+    val_common = {**common, "split": "val"}
+    descriptions = {
+        "full": "baseline ViT (trained on all patches, no agent), all patches" if baseline is not None
+        else "joint ViT, all patches (no --baseline)",
+        "joint_full": "joint ViT, all patches",
+        "agent": "joint ViT, patches chosen by the agent per batch",
+        "random": f"joint ViT, {k} random patches per image",
+        "topk": f"joint ViT, the {k} most attended patches per image (block {cfg.state_layer})",
+    }
+    summary: dict[str, Any] = {}
+    for name in BLOCKS:
+        r = results[name]
+        block = {
+            "vit": descriptions[name],
+            "test_accuracy": r["accuracy"],
+            "macs_per_image": r["macs_per_image"],
+            "forward_macs_per_image": r["forward_macs_per_image"],
+            "score_macs_per_image": r["score_macs_per_image"],
+            "images_per_second": r["images_per_second"],
+            "kept_patches": r["kept_patches"],
+        }
+        summary[name] = block
+    summary["agent"]["val_accuracy"] = evaluate_selection(vit, choose=agent_choose, **val_common)["accuracy"]
+    summary["joint_full"]["val_accuracy"] = evaluate_selection(vit, choose=None, **val_common)["accuracy"]
+    summary["topk"]["val_accuracy"] = evaluate_selection(
+        vit, choose=lambda s: select_topk(s, k), **val_common
+    )["accuracy"]
+    if baseline is not None:
+        summary["full"]["val_accuracy"] = evaluate_selection(baseline[0], choose=None, **val_common)["accuracy"]
+        summary["full"]["train_seconds"] = baseline[1]
+    else:
+        summary["full"]["val_accuracy"] = summary["joint_full"]["val_accuracy"]
+    summary["k"] = k
+    return summary
+
+
+def _format(summary: dict[str, Any]) -> str:
+    lines = [f"{'block':<11} {'test acc':>8} {'kept':>6} {'MMACs/img':>10} {'img/s':>9}  vit"]
+    for name in BLOCKS:
+        b = summary[name]
+        lines.append(
+            f"{name:<11} {100 * b['test_accuracy']:7.2f}% {b['kept_patches']:6.1f} "
+            f"{b['macs_per_image'] / 1e6:10.3f} {b['images_per_second']:9.1f}  {b['vit']}"
+        )
+    line = f"train seconds: agentvit {summary['agent']['train_seconds']:.1f}"
+    if "train_seconds" in summary["full"]:
+        line += f", full-patch baseline {summary['full']['train_seconds']:.1f} (x{summary['speedup_train']:.2f})"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def run(cfg: AgentViTConfig) -> dict[str, Any]:
+    """``keepgym agentvit``: train, report, print a table; returns the summary."""
+    summary = train_agentvit(cfg)
+    if summary is None:
+        return {}
+    print(_format(summary))
+    print(f"run folder: {cfg.out}")
+    return summary
+
+
+# --------------------------------------------------------------------------- evaluate --vit --agent
+def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
+    """``keepgym evaluate --vit VIT --agent AGENT``: the agent selects patches at inference time.
+
+    The data split is rebuilt from the settings stored in ``vit.pt`` (seed, sizes) so it is the one the
+    ViT was trained and validated on; ``--dataset`` must name the same dataset.
+
+    Args:
+        cfg: ``experiments.evaluate.EvaluateConfig`` (``vit``, ``agent``, ``dataset``, ``split``,
+            ``batch_size``, ``device``, ``out``, ``data_root``).
+
+    Returns:
+        ``{"agent": {...}, "full": {...}, ...}`` with accuracy, MACs, images/s and kept patches.
+    """
+    from models import load_model_with_extra
+
+    if cfg.agent is None:
+        raise CliError("--vit needs --agent AGENT.zip (saved by `keepgym agentvit`)")
+    if cfg.checkpoint is not None:
+        raise CliError("give either --checkpoint (a CNN/ViT alone) or --vit with --agent, not both")
+    for flag, path in (("--vit", cfg.vit), ("--agent", cfg.agent)):
+        if not Path(path).is_file():
+            raise CliError(f"{flag} {path}: no such file")
+    if cfg.dataset is None or cfg.dataset not in DATASETS:
+        raise CliError(f"--dataset is required; valid datasets: {', '.join(DATASETS)}")
+    if cfg.split not in ("test", "val", "train"):
+        raise CliError(f"unknown split {cfg.split!r}; valid splits: test, val, train")
+    device = torch.device(resolve_device(cfg.device))
+    vit, extra = load_model_with_extra(cfg.vit, map_location="cpu")
+    sel, dset = extra.get("agentvit"), extra.get("data", {})
+    if sel is None or not hasattr(vit, "patch_scores"):
+        raise CliError(f"--vit {cfg.vit}: not a ViT saved by `keepgym agentvit` (no patch-selection settings)")
+    if dset.get("dataset", cfg.dataset) != cfg.dataset:
+        raise CliError(f"--vit {cfg.vit} was trained on {dset['dataset']}, not {cfg.dataset}")
+    try:
+        agent = _load_agent(sel["algo"], cfg.agent)
+    except Exception as err:  # noqa: BLE001 - any unreadable zip is a user error here
+        raise CliError(f"--agent {cfg.agent}: not a {sel['algo']} agent zip: {str(err).splitlines()[0][:200]}") from None
+    n = vit.num_patches
+    expected = (
+        gym.spaces.Discrete(len(sel["keep_counts"])) if sel["action_mode"] == "ratio" else gym.spaces.MultiBinary(n)
+    )
+    if agent.observation_space.shape != (n,) or agent.action_space != expected:
+        raise CliError(
+            f"--agent {cfg.agent} does not fit this ViT: it observes {agent.observation_space.shape} and acts in "
+            f"{agent.action_space}; the ViT needs ({n},) and {expected}"
+        )
+    data = load_dataset(
+        cfg.dataset, cfg.data_root, val_size=dset.get("val_size", cfg.val_size), seed=dset.get("seed", cfg.seed),
+        image_size=dset.get("image_size"), train_size=dset.get("train_size"), test_size=dset.get("test_size"),
+    )
+    vit = vit.to(device)
+    common = dict(data=data, split=cfg.split, state=sel["state"], state_layer=sel["state_layer"],
+                  batch_size=sel["batch_size"], device=device)
+    choose = _agent_chooser(agent, sel["action_mode"], tuple(sel["keep_counts"]), sel["state"])
+    results = _side_by_side(
+        {"full": {"vit": vit, "choose": None, "needs_scores": False},
+         "agent": {"vit": vit, "choose": choose, "needs_scores": True}},
+        rounds=2, common=common,
+    )
+    print(f"{'patches':<8} {cfg.split + ' acc':>9} {'kept':>6} {'MMACs/img':>10} {'img/s':>9}")
+    for name in ("full", "agent"):
+        r = results[name]
+        print(f"{name:<8} {100 * r['accuracy']:8.2f}% {r['kept_patches']:6.1f} {r['macs_per_image'] / 1e6:10.3f} "
+              f"{r['images_per_second']:9.1f}")
+    result = {"vit": str(cfg.vit), "agent_path": str(cfg.agent), "dataset": cfg.dataset, "split": cfg.split,
+              "device": str(device), **results}
+    if cfg.out:
+        write_json(cfg.out, result)
+    return result
+
+
+# --------------------------------------------------------------------------- benchmark
+def benchmark_agentvit(device: str = "cpu", quick: bool = False, steps: int | None = None, seed: int = 0) -> dict:
+    """Per-step time of joint training (agent + ViT on the agent's patches) vs full-patch ViT training.
+
+    Both run on the same batches (same data order and augmentation) from the same initial ViT. A
+    joint step is what ``keepgym agentvit`` does per batch after warm-up: the scoring pass that makes
+    the observation, ``DDQN.predict``, the ViT step on the kept patches, storing the transition and
+    one DDQN gradient step. The action is held at the keep ratio nearest ``target_keep`` (what the
+    reward drives the agent to), so the figure is the steady-state cost, not that of exploration.
+
+    Args:
+        device: Where the ViT runs.
+        quick: Tiny sizes (tests, smoke runs).
+        steps: Timed steps (default 4 quick, 10 otherwise).
+        seed: Seed of data, weights and agent.
+
+    Returns:
+        ``full_step_seconds``, ``joint_step_seconds`` (medians), the split of a joint step into
+        ``joint_vit_step_seconds`` / ``joint_agent_seconds`` / ``joint_score_seconds``, ``speedup``
+        (full / joint), ``kept`` of ``num_patches`` and the settings.
+    """
+    from stable_baselines3.common.logger import configure
+
+    from agents.ddqn import DDQN
+    from envs.patch_select_env import PatchSelectEnv
+
+    dev = torch.device(resolve_device(device))
+    preset, batch, train_size = ("vit_tiny", 32, 200) if quick else ("vit_cifar", 128, 1500)
+    steps = steps or (4 if quick else 10)
+    data = load_dataset("synthetic", train_size=train_size, test_size=50, seed=seed)
+    env = PatchSelectEnv(data=data, batch_size=batch, warmup_epochs=0, device=dev, **_vit_dims(preset))
+    n_ratios = len(env.keep_ratios)
+    action = min(range(n_ratios), key=lambda i: abs(env.keep_counts[i] - env.target_keep))
+    agent = DDQN("MlpPolicy", env, learning_starts=0, batch_size=64, seed=seed, device="cpu")
+    agent.set_logger(configure(None, []))
+    rng = np.random.default_rng(seed)
+    n = env.num_patches
+    for _ in range(agent.batch_size):  # a replay buffer that can be sampled from
+        o = rng.random(n).astype(np.float32)
+        agent.replay_buffer.add(o[None], o[None], np.array([[action]]), np.array([0.0]), np.array([False]), [{}])
+
+    def full_steps() -> list[float]:
+        env.reset(seed=seed)
+        loader = BatchLoader(data.train_x, data.train_y, data, batch, shuffle=True, augment=True, drop_last=True,
+                             device=dev, generator=copy.deepcopy(env._loader.generator))
+        vit = env.vit
+        opt = torch.optim.Adam(vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
+        times = []
+        for i, (xb, yb) in enumerate(loader):
+            if i >= steps + 1:
+                break
+            _sync(dev)
+            start = time.perf_counter()
+            loss = F.cross_entropy(vit(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(dev)
+            times.append(time.perf_counter() - start)
+        return times[1:]
+
+    def joint_steps() -> tuple[list[float], list[float], list[float], list[float]]:
+        obs, _ = env.reset(seed=seed)
+        total, vit_t, agent_t, score_t = [], [], [], []
+        for i in range(steps + 1):
+            _sync(dev)
+            start = time.perf_counter()
+            agent.predict(obs, deterministic=False)
+            t_pred = time.perf_counter() - start
+            new_obs, reward, _, truncated, info = env.step(action)
+            t_env = time.perf_counter()
+            agent.replay_buffer.add(obs[None], new_obs[None], np.array([[action]]), np.array([reward]),
+                                    np.array([False]), [info])
+            agent.train(gradient_steps=1, batch_size=agent.batch_size)
+            end = time.perf_counter()
+            if i > 0:
+                total.append(end - start)
+                vit_t.append(info["step_seconds"])
+                agent_t.append(t_pred + (end - t_env))
+                score_t.append(max(0.0, (t_env - start - t_pred) - info["step_seconds"]))
+            obs = new_obs
+            if truncated:
+                obs, _ = env.reset()
+        return total, vit_t, agent_t, score_t
+
+    full = full_steps()
+    total, vit_t, agent_t, score_t = joint_steps()
+    full_s, joint_s = float(np.median(full)), float(np.median(total))
+    result = {
+        "benchmark": "agentvit",
+        "preset": preset,
+        "batch_size": batch,
+        "device": str(dev),
+        "num_patches": n,
+        "kept": env.keep_counts[action],
+        "steps": steps,
+        "full_step_seconds": full_s,
+        "joint_step_seconds": joint_s,
+        "joint_vit_step_seconds": float(np.median(vit_t)),
+        "joint_agent_seconds": float(np.median(agent_t)),
+        "joint_score_seconds": float(np.median(score_t)),
+        "speedup": full_s / max(joint_s, 1e-12),
+    }
+    logger.info("benchmark_agentvit %s", result)
+    if not math.isfinite(result["speedup"]):  # pragma: no cover - defensive
+        result["speedup"] = None
+    return result
