@@ -233,6 +233,12 @@ class PruneEnv(gym.Env):
     split held out from the training data (never the test split), measured after fine-tuning when
     ``finetune_steps > 0``. ``alpha = beta = 0`` by default (RL-Pruner's accuracy-only reward).
 
+    ``info`` (reset, step, evaluate): ``accuracy``, ``macs``, ``params``, ``macs_ratio``,
+    ``params_ratio`` (against the original model), ``sparsity``, ``layer_sparsity``, ``stage``,
+    ``widths`` (per group) and ``wall_times`` (:class:`WallTimes`); step and evaluate add ``removed``
+    (channels per group this stage) and ``accuracy_before_finetune``; step adds the closed-form
+    ``closed_form_macs`` / ``closed_form_params`` it predicted (equal to the counter's figures).
+
     ## Starting State
 
     The original trained model (restored from a kept state dict on every reset). ``reset(seed=s)``
@@ -301,7 +307,7 @@ class PruneEnv(gym.Env):
         data: DatasetSplits | None = None,
         train_size: int | None = None,
         download: bool = False,
-        baseline_epochs: int = 10,
+        baseline_epochs: int = 5,
         finetune_lr: float = 1e-3,
         kd_temperature: float = 2.0,
         kd_weight: float = 0.75,
@@ -738,6 +744,8 @@ class PruneEnv(gym.Env):
             ``(reward, info)`` with the same keys as :meth:`step`'s info.
         """
         self._require_started()
+        if self._terminated:
+            raise RuntimeError("the episode is over (target sparsity reached); call reset()")
         counts = self.allocate(action)
         t0 = time.perf_counter()
         with self._pruner.masked(counts):

@@ -78,7 +78,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMMAND = "agentvit"
-DESCRIPTION = "Train a ViT jointly with an RL agent that picks its patches (AgentViT); compare with heuristics."
+DESCRIPTION = (
+    "Train a ViT jointly with an RL agent that picks its patches (AgentViT); compare with heuristics."
+)
 
 ALGOS = ("ddqn", "dqn", "ppo", "a2c")
 ACTION_MODES = ("ratio", "mask")
@@ -96,11 +98,19 @@ class AgentViTConfig:
     dataset: str = arg(help="dataset", choices=DATASETS)
     out: str | None = arg(None, help="run folder (default runs/agentvit-DATASET-ALGO-MODE-sSEED)")
     epochs: int = arg(15, help="training epochs (one epoch = one episode)")
-    action_mode: str = arg("ratio", help="ratio: a keep ratio per batch, top-k per image; mask: one mask per batch",
-                           choices=ACTION_MODES)
-    algo: str = arg("ddqn", help="agent: ddqn (agents.DDQN), dqn, ppo, a2c (Stable-Baselines3)", choices=ALGOS)
-    agent_preset: str = arg("ours", help="ddqn hyper-parameters: ours (DDQN defaults) or agentvit (reference)",
-                            choices=AGENT_PRESETS)
+    action_mode: str = arg(
+        "ratio",
+        help="ratio: a keep ratio per batch, top-k per image; mask: one mask per batch",
+        choices=ACTION_MODES,
+    )
+    algo: str = arg(
+        "ddqn", help="agent: ddqn (agents.DDQN), dqn, ppo, a2c (Stable-Baselines3)", choices=ALGOS
+    )
+    agent_preset: str = arg(
+        "ours",
+        help="ddqn hyper-parameters: ours (DDQN defaults) or agentvit (reference)",
+        choices=AGENT_PRESETS,
+    )
     preset: str = arg("vit_small", help="ViT size", choices=VIT_PRESETS)
     patch_size: int = arg(4, help="patch side in pixels (must divide the image size)")
     image_size: int | None = arg(None, help="resize images to this size (default: the dataset's own)")
@@ -110,11 +120,15 @@ class AgentViTConfig:
     target_keep: int | None = arg(None, help="patches the reward aims for (default round(30/64 * N))")
     keep_ratios: tuple[float, ...] = arg((0.25, 0.375, 0.5, 0.75, 1.0), help="keep ratios of the ratio mode")
     patch_weight: float = arg(20.0, help="weight of the patch-count reward term")
-    state: str = arg("attention", help="observation: attention received per patch, or agentvit", choices=STATES)
+    state: str = arg(
+        "attention", help="observation: attention received per patch, or agentvit", choices=STATES
+    )
     state_layer: int = arg(0, help="block whose attention makes the observation")
     augment: bool = arg(True, help="random crop + flip on training batches")
     baseline: bool = arg(False, help="also train a full-patch ViT with the same settings (full block)")
-    train_size: int | None = arg(None, help="use at most this many training images (synthetic: generate this many)")
+    train_size: int | None = arg(
+        None, help="use at most this many training images (synthetic: generate this many)"
+    )
     test_size: int | None = arg(None, help="use at most this many test images")
     val_size: float = arg(0.1, help="fraction of the training images held out for validation")
     data_root: str | None = arg(None, help="folder of the torchvision datasets")
@@ -160,14 +174,19 @@ def validate(cfg: AgentViTConfig) -> None:
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}"),
-        (cfg.warmup_epochs < cfg.epochs,
-         f"--warmup-epochs ({cfg.warmup_epochs}) must be smaller than --epochs ({cfg.epochs}) so the agent acts"),
+        (
+            cfg.warmup_epochs < cfg.epochs,
+            f"--warmup-epochs ({cfg.warmup_epochs}) must be smaller than --epochs ({cfg.epochs}) "
+            "so the agent acts",
+        ),
         (cfg.batch_size >= 2, f"--batch-size must be >= 2, got {cfg.batch_size}"),
         (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
         (cfg.patch_size >= 1, f"--patch-size must be >= 1, got {cfg.patch_size}"),
         (cfg.image_size is None or cfg.image_size >= 4, f"--image-size must be >= 4, got {cfg.image_size}"),
-        (len(cfg.keep_ratios) >= 1 and all(0 < r <= 1 for r in cfg.keep_ratios),
-         f"--keep-ratios must be values in (0, 1], got {list(cfg.keep_ratios)}"),
+        (
+            len(cfg.keep_ratios) >= 1 and all(0 < r <= 1 for r in cfg.keep_ratios),
+            f"--keep-ratios must be values in (0, 1], got {list(cfg.keep_ratios)}",
+        ),
         (cfg.patch_weight >= 0, f"--patch-weight must be >= 0, got {cfg.patch_weight}"),
         (cfg.state_layer >= 0, f"--state-layer must be >= 0, got {cfg.state_layer}"),
         (0 < cfg.val_size < 1, f"--val-size must be in (0, 1), got {cfg.val_size}"),
@@ -175,11 +194,16 @@ def validate(cfg: AgentViTConfig) -> None:
         (cfg.test_size is None or cfg.test_size >= 1, f"--test-size must be >= 1, got {cfg.test_size}"),
         (cfg.examples >= 1, f"--examples must be >= 1, got {cfg.examples}"),
         (cfg.speed_rounds >= 1, f"--speed-rounds must be >= 1, got {cfg.speed_rounds}"),
-        (cfg.num_threads is None or cfg.num_threads >= 1, f"--num-threads must be >= 1, got {cfg.num_threads}"),
+        (
+            cfg.num_threads is None or cfg.num_threads >= 1,
+            f"--num-threads must be >= 1, got {cfg.num_threads}",
+        ),
         (not (cfg.force and cfg.resume), "--force and --resume exclude each other"),
-        (not (cfg.algo == "dqn" and cfg.action_mode == "mask"),
-         "--algo dqn supports only --action-mode ratio (SB3's DQN needs a Discrete action space); "
-         "use --algo ddqn, ppo or a2c for masks"),
+        (
+            not (cfg.algo == "dqn" and cfg.action_mode == "mask"),
+            "--algo dqn supports only --action-mode ratio (SB3's DQN needs a Discrete action space); "
+            "use --algo ddqn, ppo or a2c for masks",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -190,7 +214,9 @@ def validate(cfg: AgentViTConfig) -> None:
     if size is not None:
         n = (size // cfg.patch_size) ** 2
         if n < 2:
-            raise CliError(f"--patch-size {cfg.patch_size} leaves {n} patch; patch selection needs at least 2")
+            raise CliError(
+                f"--patch-size {cfg.patch_size} leaves {n} patch; patch selection needs at least 2"
+            )
         if cfg.target_keep is not None and not 1 <= cfg.target_keep <= n - 1:
             raise CliError(f"--target-keep must be in [1, {n - 1}] for {n} patches, got {cfg.target_keep}")
     depth = _vit_dims(cfg.preset)["depth"]
@@ -349,14 +375,24 @@ def _make_agent(cfg: AgentViTConfig, env: gym.Env, steps_per_epoch: int, tensorb
     if cfg.algo == "dqn":
         # SB3's defaults update the target every 10k steps; here every epoch, short horizon as DDQN.
         return cls(
-            "MlpPolicy", env, learning_rate=5e-4, buffer_size=10_000, learning_starts=starts, batch_size=64,
-            gamma=0.9, target_update_interval=max(1, steps_per_epoch), exploration_fraction=0.2,
-            exploration_final_eps=0.02, **common,
+            "MlpPolicy",
+            env,
+            learning_rate=5e-4,
+            buffer_size=10_000,
+            learning_starts=starts,
+            batch_size=64,
+            gamma=0.9,
+            target_update_interval=max(1, steps_per_epoch),
+            exploration_fraction=0.2,
+            exploration_final_eps=0.02,
+            **common,
         )
     if cfg.algo == "ppo":
         # One rollout = one epoch, so updates (and checkpoints) fall on epoch boundaries.
         n_steps = max(2, steps_per_epoch)
-        return cls("MlpPolicy", env, n_steps=n_steps, batch_size=max(2, min(64, n_steps)), gamma=0.9, **common)
+        return cls(
+            "MlpPolicy", env, n_steps=n_steps, batch_size=max(2, min(64, n_steps)), gamma=0.9, **common
+        )
     return cls("MlpPolicy", env, n_steps=max(1, min(8, steps_per_epoch)), gamma=0.9, **common)
 
 
@@ -486,7 +522,9 @@ def _side_by_side(
         for name, spec in runs.items():
             if spec.get("reseed") is not None:
                 spec["reseed"]()
-            r = evaluate_selection(spec["vit"], choose=spec["choose"], needs_scores=spec["needs_scores"], **common)
+            r = evaluate_selection(
+                spec["vit"], choose=spec["choose"], needs_scores=spec["needs_scores"], **common
+            )
             if rnd == 0:
                 results[name] = r
             speeds[name].append(r["images_per_second"])
@@ -503,7 +541,8 @@ def _train_baseline(
 
     ``env.reset(seed)`` builds the ViT exactly as the joint run's first reset did; the loop then trains
     it on all patches with the same Adam settings and a loader seeded as the env seeds its own, and
-    skips the scoring pass the agent needs.
+    skips the scoring pass the agent needs. The time is the loop's wall time (data, forward, backward,
+    optimiser), as the joint run's is that of the agent's ``learn`` loop.
     """
     from tqdm.auto import tqdm
 
@@ -511,33 +550,51 @@ def _train_baseline(
     vit = env.vit
     opt = torch.optim.Adam(vit.parameters(), lr=cfg.learning_rate, fused=device.type in ("cpu", "cuda"))
     loader = BatchLoader(
-        data.train_x, data.train_y, data, cfg.batch_size, shuffle=True, augment=cfg.augment, drop_last=True,
-        device=device, generator=copy.deepcopy(env._loader.generator),
+        data.train_x,
+        data.train_y,
+        data,
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        drop_last=True,
+        device=device,
+        generator=torch.Generator().manual_seed(_env_data_seed(cfg.seed)),
     )
     bar = tqdm(total=cfg.epochs * len(loader), desc=bar_desc, disable=not cfg.progress)
-    seconds = 0.0
     vit.train()
+    _sync(device)
+    start = time.perf_counter()
     try:
         for _ in range(cfg.epochs):
             for xb, yb in loader:
-                _sync(device)
-                start = time.perf_counter()
                 loss = F.cross_entropy(vit(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                _sync(device)
-                seconds += time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        _sync(device)
     finally:
         bar.close()
-    return vit, seconds
+    return vit, time.perf_counter() - start
+
+
+def _env_data_seed(seed: int) -> int:
+    """The data-order seed ``PatchSelectEnv.reset(seed=seed)`` gives its loader (mirrors ``_new_run``)."""
+    from gymnasium.utils import seeding
+
+    rng, _ = seeding.np_random(seed)
+    return int(rng.integers(0, 2**62, size=2)[1])
 
 
 # --------------------------------------------------------------------------- figure
 def _patches_figure(
-    path: Path, vit: torch.nn.Module, data: DatasetSplits, agent_choose: Callable, k: int, cfg: AgentViTConfig,
+    path: Path,
+    vit: torch.nn.Module,
+    data: DatasetSplits,
+    agent_choose: Callable,
+    k: int,
+    cfg: AgentViTConfig,
     device: torch.device,
 ) -> None:
     """Save example test images with the agent's kept patches (row 2) and attention top-k (row 3)."""
@@ -590,12 +647,23 @@ def _patches_figure(
             shown = img * shade if img.ndim == 2 else img * shade[..., None]
             ax.imshow(shown, cmap=cmap, vmin=0, vmax=1)
             for idx in kept:
-                ax.add_patch(Rectangle(((idx % g) * p - 0.5, (idx // g) * p - 0.5), p, p, fill=False,
-                                       edgecolor="lime", linewidth=0.6))
+                ax.add_patch(
+                    Rectangle(
+                        ((idx % g) * p - 0.5, (idx // g) * p - 0.5),
+                        p,
+                        p,
+                        fill=False,
+                        edgecolor="lime",
+                        linewidth=0.6,
+                    )
+                )
             ax.set_title(f"{len(kept)} kept, pred {int(preds[r - 1][j])}", fontsize=7)
         for r in range(3):
             axes[r][0].set_ylabel(titles[r], fontsize=8)
-    fig.suptitle(f"{cfg.dataset}: kept patches (bright, green boxes) on test images", fontsize=9)
+    title = f"{cfg.dataset}: kept patches (bright, green boxes) on test images"
+    if cfg.action_mode == "ratio":
+        title += "\n(ratio mode: the agent picks how many patches; which ones is attention top-k, per image)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -607,10 +675,20 @@ def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device) -
 
     try:
         return PatchSelectEnv(
-            data=data, patch_size=cfg.patch_size, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-            action_mode=cfg.action_mode, keep_ratios=cfg.keep_ratios, target_keep=cfg.target_keep,
-            patch_weight=cfg.patch_weight, state=cfg.state, state_layer=cfg.state_layer,
-            warmup_epochs=cfg.warmup_epochs, device=device, augment=cfg.augment, **_vit_dims(cfg.preset),
+            data=data,
+            patch_size=cfg.patch_size,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            action_mode=cfg.action_mode,
+            keep_ratios=cfg.keep_ratios,
+            target_keep=cfg.target_keep,
+            patch_weight=cfg.patch_weight,
+            state=cfg.state,
+            state_layer=cfg.state_layer,
+            warmup_epochs=cfg.warmup_epochs,
+            device=device,
+            augment=cfg.augment,
+            **_vit_dims(cfg.preset),
         )
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -619,8 +697,14 @@ def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device) -
 def _load_data(cfg: AgentViTConfig) -> DatasetSplits:
     try:
         return load_dataset(
-            cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
-            image_size=cfg.image_size, train_size=cfg.train_size, test_size=cfg.test_size,
+            cfg.dataset,
+            cfg.data_root,
+            val_size=cfg.val_size,
+            seed=cfg.seed,
+            download=cfg.download,
+            image_size=cfg.image_size,
+            train_size=cfg.train_size,
+            test_size=cfg.test_size,
         )
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -643,7 +727,11 @@ def _set_rng_states(agent: Any, states: dict[str, Any]) -> None:
 
 
 def _make_callback(
-    cfg: AgentViTConfig, wrapper: _JointTraining, data: DatasetSplits, ckpt_dir: Path, clock: dict,
+    cfg: AgentViTConfig,
+    wrapper: _JointTraining,
+    data: DatasetSplits,
+    ckpt_dir: Path,
+    clock: dict,
     device: torch.device,
 ) -> Any:
     """Checkpoint + per-epoch validation at the first rollout start after an epoch ended.
@@ -688,8 +776,14 @@ def _completed_epochs(wrapper: _JointTraining) -> int:
     return core.epoch if wrapper.steps_in_epoch < core.steps_per_epoch else core.epoch + 1
 
 
-def _log_val(agent: Any, wrapper: _JointTraining, cfg: AgentViTConfig, data: DatasetSplits,
-             device: torch.device, epoch: int) -> None:
+def _log_val(
+    agent: Any,
+    wrapper: _JointTraining,
+    cfg: AgentViTConfig,
+    data: DatasetSplits,
+    device: torch.device,
+    epoch: int,
+) -> None:
     core = wrapper.core
     common = dict(state=cfg.state, state_layer=cfg.state_layer, batch_size=cfg.batch_size, device=device)
     full = evaluate_selection(core.vit, data, "val", None, **common)
@@ -703,8 +797,9 @@ def _log_val(agent: Any, wrapper: _JointTraining, cfg: AgentViTConfig, data: Dat
     agent.logger.dump(step=agent.num_timesteps)
 
 
-def _save_checkpoint(ckpt_dir: Path, agent: Any, wrapper: _JointTraining, clock: dict, epoch: int,
-                     finished: bool) -> None:
+def _save_checkpoint(
+    ckpt_dir: Path, agent: Any, wrapper: _JointTraining, clock: dict, epoch: int, finished: bool
+) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     seconds = clock["before"] + (time.perf_counter() - clock["start"]) - clock["excluded"]
     agent.save(ckpt_dir / "agent.zip")
@@ -712,8 +807,13 @@ def _save_checkpoint(ckpt_dir: Path, agent: Any, wrapper: _JointTraining, clock:
         agent.save_replay_buffer(ckpt_dir / "replay_buffer.pkl")
     # Last: its presence says the files above belong together.
     atomic_torch_save(
-        {"env": wrapper.state(), "rng": _rng_states(agent), "epoch": epoch, "train_seconds": seconds,
-         "finished": finished},
+        {
+            "env": wrapper.state(),
+            "rng": _rng_states(agent),
+            "epoch": epoch,
+            "train_seconds": seconds,
+            "finished": finished,
+        },
         ckpt_dir / "state.pt",
     )
 
@@ -768,7 +868,6 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
 
     from agents.callbacks import EnvInfoCallback
     from models import load_model_with_extra, save_model
-    from models.vit import select_random_k, select_topk
 
     seed_everything(cfg.seed)
     data = _load_data(cfg)
@@ -812,7 +911,10 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
             clock["start"] = time.perf_counter()
             remaining = agent_steps - (agent.num_timesteps if state is not None else 0)
             agent.learn(
-                remaining, callback=callbacks, tb_log_name=_TB_NAME, reset_num_timesteps=state is None,
+                remaining,
+                callback=callbacks,
+                tb_log_name=_TB_NAME,
+                reset_num_timesteps=state is None,
                 log_interval=1,
             )
             _save_checkpoint(ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
@@ -828,13 +930,22 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
     agent.save(out / "agent.zip")
     vit = env.vit
     selection = {
-        "action_mode": cfg.action_mode, "keep_ratios": list(cfg.keep_ratios), "keep_counts": list(env.keep_counts),
-        "state": cfg.state, "state_layer": cfg.state_layer, "batch_size": cfg.batch_size, "algo": cfg.algo,
+        "action_mode": cfg.action_mode,
+        "keep_ratios": list(cfg.keep_ratios),
+        "keep_counts": list(env.keep_counts),
+        "state": cfg.state,
+        "state_layer": cfg.state_layer,
+        "batch_size": cfg.batch_size,
+        "algo": cfg.algo,
         "num_patches": env.num_patches,
     }
     data_settings = {
-        "dataset": cfg.dataset, "seed": cfg.seed, "val_size": cfg.val_size, "train_size": cfg.train_size,
-        "test_size": cfg.test_size, "image_size": cfg.image_size,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "val_size": cfg.val_size,
+        "train_size": cfg.train_size,
+        "test_size": cfg.test_size,
+        "image_size": cfg.image_size,
     }
     save_model(vit, out / "vit.pt", agentvit=selection, data=data_settings, train_seconds=train_seconds)
 
@@ -856,9 +967,17 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
     if cfg.baseline:
         summary["speedup_train"] = summary["full"]["train_seconds"] / max(train_seconds, 1e-12)
     summary.update(
-        dataset=cfg.dataset, algo=cfg.algo, action_mode=cfg.action_mode, preset=cfg.preset, epochs=cfg.epochs,
-        warmup_epochs=cfg.warmup_epochs, seed=cfg.seed, num_patches=env.num_patches,
-        target_keep=env.target_keep, steps_per_epoch=steps_per_epoch, device=str(device),
+        dataset=cfg.dataset,
+        algo=cfg.algo,
+        action_mode=cfg.action_mode,
+        preset=cfg.preset,
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        seed=cfg.seed,
+        num_patches=env.num_patches,
+        target_keep=env.target_keep,
+        steps_per_epoch=steps_per_epoch,
+        device=str(device),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     k = max(1, int(round(summary["agent"]["kept_patches"])))
@@ -874,19 +993,30 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
     with SummaryWriter(str(writer_dir)) as writer:
         for block in ("full", "agent", "random", "topk", "joint_full"):
             writer.add_scalar(f"final/test_accuracy_{block}", summary[block]["test_accuracy"], cfg.epochs)
-    del select_random_k, select_topk
     return summary
 
 
 def _final_report(
-    cfg: AgentViTConfig, data: DatasetSplits, env: Any, agent: Any, vit: torch.nn.Module,
-    baseline: tuple[torch.nn.Module, float] | None, train_seconds: float, device: torch.device,
+    cfg: AgentViTConfig,
+    data: DatasetSplits,
+    env: Any,
+    agent: Any,
+    vit: torch.nn.Module,
+    baseline: tuple[torch.nn.Module, float] | None,
+    train_seconds: float,
+    device: torch.device,
 ) -> dict[str, Any]:
     """The four (five) ways on the test split, side by side, plus validation accuracies."""
     from models.vit import select_random_k, select_topk
 
-    common = dict(data=data, split="test", state=cfg.state, state_layer=cfg.state_layer,
-                  batch_size=cfg.batch_size, device=device)
+    common = dict(
+        data=data,
+        split="test",
+        state=cfg.state,
+        state_layer=cfg.state_layer,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
     agent_choose = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
     # k = the agent's own mean number of kept patches on the test split.
     agent_test = evaluate_selection(vit, choose=agent_choose, **common)
@@ -900,8 +1030,12 @@ def _final_report(
     runs: dict[str, dict[str, Any]] = {
         "joint_full": {"vit": vit, "choose": None, "needs_scores": False},
         "agent": {"vit": vit, "choose": agent_choose, "needs_scores": True},
-        "random": {"vit": vit, "choose": lambda s: select_random_k(s, k, gen), "needs_scores": False,
-                   "reseed": reseed},
+        "random": {
+            "vit": vit,
+            "choose": lambda s: select_random_k(s, k, gen),
+            "needs_scores": False,
+            "reseed": reseed,
+        },
         "topk": {"vit": vit, "choose": lambda s: select_topk(s, k), "needs_scores": True},
     }
     if baseline is not None:
@@ -911,7 +1045,8 @@ def _final_report(
         results["full"] = dict(results["joint_full"])
     val_common = {**common, "split": "val"}
     descriptions = {
-        "full": "baseline ViT (trained on all patches, no agent), all patches" if baseline is not None
+        "full": "baseline ViT (trained on all patches, no agent), all patches"
+        if baseline is not None
         else "joint ViT, all patches (no --baseline)",
         "joint_full": "joint ViT, all patches",
         "agent": "joint ViT, patches chosen by the agent per batch",
@@ -937,7 +1072,9 @@ def _final_report(
         vit, choose=lambda s: select_topk(s, k), **val_common
     )["accuracy"]
     if baseline is not None:
-        summary["full"]["val_accuracy"] = evaluate_selection(baseline[0], choose=None, **val_common)["accuracy"]
+        summary["full"]["val_accuracy"] = evaluate_selection(baseline[0], choose=None, **val_common)[
+            "accuracy"
+        ]
         summary["full"]["train_seconds"] = baseline[1]
     else:
         summary["full"]["val_accuracy"] = summary["joint_full"]["val_accuracy"]
@@ -955,7 +1092,9 @@ def _format(summary: dict[str, Any]) -> str:
         )
     line = f"train seconds: agentvit {summary['agent']['train_seconds']:.1f}"
     if "train_seconds" in summary["full"]:
-        line += f", full-patch baseline {summary['full']['train_seconds']:.1f} (x{summary['speedup_train']:.2f})"
+        line += (
+            f", full-patch baseline {summary['full']['train_seconds']:.1f} (x{summary['speedup_train']:.2f})"
+        )
     lines.append(line)
     return "\n".join(lines)
 
@@ -1001,49 +1140,79 @@ def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
     vit, extra = load_model_with_extra(cfg.vit, map_location="cpu")
     sel, dset = extra.get("agentvit"), extra.get("data", {})
     if sel is None or not hasattr(vit, "patch_scores"):
-        raise CliError(f"--vit {cfg.vit}: not a ViT saved by `keepgym agentvit` (no patch-selection settings)")
+        raise CliError(
+            f"--vit {cfg.vit}: not a ViT saved by `keepgym agentvit` (no patch-selection settings)"
+        )
     if dset.get("dataset", cfg.dataset) != cfg.dataset:
         raise CliError(f"--vit {cfg.vit} was trained on {dset['dataset']}, not {cfg.dataset}")
     try:
         agent = _load_agent(sel["algo"], cfg.agent)
     except Exception as err:  # noqa: BLE001 - any unreadable zip is a user error here
-        raise CliError(f"--agent {cfg.agent}: not a {sel['algo']} agent zip: {str(err).splitlines()[0][:200]}") from None
+        raise CliError(
+            f"--agent {cfg.agent}: not a {sel['algo']} agent zip: {str(err).splitlines()[0][:200]}"
+        ) from None
     n = vit.num_patches
     expected = (
-        gym.spaces.Discrete(len(sel["keep_counts"])) if sel["action_mode"] == "ratio" else gym.spaces.MultiBinary(n)
+        gym.spaces.Discrete(len(sel["keep_counts"]))
+        if sel["action_mode"] == "ratio"
+        else gym.spaces.MultiBinary(n)
     )
     if agent.observation_space.shape != (n,) or agent.action_space != expected:
         raise CliError(
-            f"--agent {cfg.agent} does not fit this ViT: it observes {agent.observation_space.shape} and acts in "
-            f"{agent.action_space}; the ViT needs ({n},) and {expected}"
+            f"--agent {cfg.agent} does not fit this ViT: it observes {agent.observation_space.shape} "
+            f"and acts in {agent.action_space}; the ViT needs ({n},) and {expected}"
         )
     data = load_dataset(
-        cfg.dataset, cfg.data_root, val_size=dset.get("val_size", cfg.val_size), seed=dset.get("seed", cfg.seed),
-        image_size=dset.get("image_size"), train_size=dset.get("train_size"), test_size=dset.get("test_size"),
+        cfg.dataset,
+        cfg.data_root,
+        val_size=dset.get("val_size", cfg.val_size),
+        seed=dset.get("seed", cfg.seed),
+        image_size=dset.get("image_size"),
+        train_size=dset.get("train_size"),
+        test_size=dset.get("test_size"),
     )
     vit = vit.to(device)
-    common = dict(data=data, split=cfg.split, state=sel["state"], state_layer=sel["state_layer"],
-                  batch_size=sel["batch_size"], device=device)
+    common = dict(
+        data=data,
+        split=cfg.split,
+        state=sel["state"],
+        state_layer=sel["state_layer"],
+        batch_size=sel["batch_size"],
+        device=device,
+    )
     choose = _agent_chooser(agent, sel["action_mode"], tuple(sel["keep_counts"]), sel["state"])
     results = _side_by_side(
-        {"full": {"vit": vit, "choose": None, "needs_scores": False},
-         "agent": {"vit": vit, "choose": choose, "needs_scores": True}},
-        rounds=2, common=common,
+        {
+            "full": {"vit": vit, "choose": None, "needs_scores": False},
+            "agent": {"vit": vit, "choose": choose, "needs_scores": True},
+        },
+        rounds=2,
+        common=common,
     )
     print(f"{'patches':<8} {cfg.split + ' acc':>9} {'kept':>6} {'MMACs/img':>10} {'img/s':>9}")
     for name in ("full", "agent"):
         r = results[name]
-        print(f"{name:<8} {100 * r['accuracy']:8.2f}% {r['kept_patches']:6.1f} {r['macs_per_image'] / 1e6:10.3f} "
-              f"{r['images_per_second']:9.1f}")
-    result = {"vit": str(cfg.vit), "agent_path": str(cfg.agent), "dataset": cfg.dataset, "split": cfg.split,
-              "device": str(device), **results}
+        print(
+            f"{name:<8} {100 * r['accuracy']:8.2f}% {r['kept_patches']:6.1f} "
+            f"{r['macs_per_image'] / 1e6:10.3f} {r['images_per_second']:9.1f}"
+        )
+    result = {
+        "vit": str(cfg.vit),
+        "agent_path": str(cfg.agent),
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "device": str(device),
+        **results,
+    }
     if cfg.out:
         write_json(cfg.out, result)
     return result
 
 
 # --------------------------------------------------------------------------- benchmark
-def benchmark_agentvit(device: str = "cpu", quick: bool = False, steps: int | None = None, seed: int = 0) -> dict:
+def benchmark_agentvit(
+    device: str = "cpu", quick: bool = False, steps: int | None = None, seed: int = 0
+) -> dict:
     """Per-step time of joint training (agent + ViT on the agent's patches) vs full-patch ViT training.
 
     Both run on the same batches (same data order and augmentation) from the same initial ViT. A
@@ -1081,12 +1250,23 @@ def benchmark_agentvit(device: str = "cpu", quick: bool = False, steps: int | No
     n = env.num_patches
     for _ in range(agent.batch_size):  # a replay buffer that can be sampled from
         o = rng.random(n).astype(np.float32)
-        agent.replay_buffer.add(o[None], o[None], np.array([[action]]), np.array([0.0]), np.array([False]), [{}])
+        agent.replay_buffer.add(
+            o[None], o[None], np.array([[action]]), np.array([0.0]), np.array([False]), [{}]
+        )
 
     def full_steps() -> list[float]:
         env.reset(seed=seed)
-        loader = BatchLoader(data.train_x, data.train_y, data, batch, shuffle=True, augment=True, drop_last=True,
-                             device=dev, generator=copy.deepcopy(env._loader.generator))
+        loader = BatchLoader(
+            data.train_x,
+            data.train_y,
+            data,
+            batch,
+            shuffle=True,
+            augment=True,
+            drop_last=True,
+            device=dev,
+            generator=copy.deepcopy(env._loader.generator),
+        )
         vit = env.vit
         opt = torch.optim.Adam(vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
         times = []
@@ -1113,8 +1293,9 @@ def benchmark_agentvit(device: str = "cpu", quick: bool = False, steps: int | No
             t_pred = time.perf_counter() - start
             new_obs, reward, _, truncated, info = env.step(action)
             t_env = time.perf_counter()
-            agent.replay_buffer.add(obs[None], new_obs[None], np.array([[action]]), np.array([reward]),
-                                    np.array([False]), [info])
+            agent.replay_buffer.add(
+                obs[None], new_obs[None], np.array([[action]]), np.array([reward]), np.array([False]), [info]
+            )
             agent.train(gradient_steps=1, batch_size=agent.batch_size)
             end = time.perf_counter()
             if i > 0:

@@ -24,7 +24,7 @@ import numpy as np
 
 from experiments.prune import PruneConfig, compress
 
-__all__ = ["compare", "aggregate", "format_markdown", "main"]
+__all__ = ["compare", "aggregate", "format_markdown", "latency_speedups", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,52 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tuple[float
             std = float(values.std(ddof=1)) if values.size > 1 else 0.0
             table[algo][key] = (float(values.mean()), std)
     return table
+
+
+def latency_speedups(
+    baseline: str | Path,
+    compressed: Sequence[str | Path],
+    input_size: Sequence[int],
+    repeats: int = 50,
+    rounds: int = 5,
+    device: str = "cpu",
+) -> list[dict[str, float]]:
+    """Re-measure latency of compressed models against their baseline, interleaved round by round.
+
+    On a shared machine one latency figure is noisy; here every round times the baseline and every
+    compressed model back to back (batch 1 then 64) and the median over rounds is reported.
+
+    Returns:
+        One row per compressed model: ``latency_ms_b1``, ``latency_ms_b64``, ``speedup_b1``, ``speedup_b64``
+        (baseline figures in the row ``"baseline"`` first).
+    """
+    import torch
+
+    from envs.metrics import measure_latency
+    from models import load_model
+
+    paths = [Path(baseline), *[Path(p) for p in compressed]]
+    models = [load_model(p).to(device).eval() for p in paths]
+    times = {(i, b): [] for i in range(len(models)) for b in (1, 64)}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for batch, reps in ((1, repeats), (64, max(3, repeats // 5))):
+                for i, model in enumerate(models):
+                    ms = measure_latency(model, input_size, batch_size=batch, repeats=reps, device=device)
+                    times[(i, batch)].append(ms["median_ms"])
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    rows = []
+    for i, path in enumerate(paths):
+        rows.append(
+            {
+                "model": "baseline" if i == 0 else str(path),
+                "latency_ms_b1": med[(i, 1)],
+                "latency_ms_b64": med[(i, 64)],
+                "speedup_b1": med[(0, 1)] / med[(i, 1)],
+                "speedup_b64": med[(0, 64)] / med[(i, 64)],
+            }
+        )
+    return rows
 
 
 def format_markdown(result: dict[str, Any]) -> str:

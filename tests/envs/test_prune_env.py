@@ -193,8 +193,9 @@ def test_episode_terminates_at_target_sparsity(data):
     assert steps == env.num_stages
     assert env.removed_channels == round(0.5 * env.n0) and info["sparsity"] == pytest.approx(0.5, abs=1e-2)
     assert env.stage_budget == 0
-    with pytest.raises(RuntimeError, match="reset"):
-        env.step(env.action_space.sample())
+    for call in (env.step, env.evaluate):
+        with pytest.raises(RuntimeError, match="reset"):
+            call(env.action_space.sample())
 
 
 # ----------------------------------------------------------------------------- allocation

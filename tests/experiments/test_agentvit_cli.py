@@ -1,0 +1,147 @@
+"""`keepgym agentvit` and `keepgym evaluate --vit --agent`: outputs, agents, resume, clear errors."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from agents.ddqn import DDQN
+from experiments import agentvit as av
+from experiments.cli import main
+
+TINY = [
+    "--dataset", "digits", "--preset", "vit_tiny", "--train-size", "200", "--test-size", "100",
+    "--batch-size", "32", "--epochs", "2", "--warmup-epochs", "1", "--speed-rounds", "1", "--examples", "4",
+    "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+BLOCK_KEYS = ("test_accuracy", "macs_per_image", "images_per_second", "kept_patches")
+
+
+def _tiny_config(out, **kw):
+    base = dict(
+        dataset="digits", preset="vit_tiny", train_size=200, test_size=100, batch_size=32, epochs=3,
+        warmup_epochs=1, speed_rounds=1, examples=4, device="cpu", progress=False, out=str(out),
+    )  # fmt: skip
+    base.update(kw)
+    return av.AgentViTConfig(**base)
+
+
+def test_agentvit_outputs_and_evaluate(tmp_path):
+    out = tmp_path / "run"
+    assert main(["agentvit", *TINY, "--baseline", "--out", str(out)]) == 0
+    for name in ("summary.json", "config.json", "agent.zip", "vit.pt", "baseline_vit.pt", "patches.png"):
+        assert (out / name).is_file(), name
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard events"
+    summary = json.loads((out / "summary.json").read_text())
+    for block in ("full", "agent", "random", "topk", "joint_full"):
+        for key in BLOCK_KEYS:
+            assert isinstance(summary[block][key], float | int), (block, key)
+        assert 0.0 <= summary[block]["test_accuracy"] <= 1.0
+    n = summary["num_patches"]
+    # random-k and top-k use the agent's own mean number of kept patches
+    assert summary["random"]["kept_patches"] == summary["topk"]["kept_patches"] == summary["k"]
+    assert abs(summary["k"] - summary["agent"]["kept_patches"]) <= 0.5
+    assert summary["full"]["kept_patches"] == summary["joint_full"]["kept_patches"] == n
+    assert summary["agent"]["train_seconds"] > 0 and summary["full"]["train_seconds"] > 0
+    assert "baseline" in summary["full"]["vit"] and "joint" in summary["agent"]["vit"]
+    # fewer kept patches -> fewer forward MACs
+    if summary["k"] < n:
+        assert summary["topk"]["forward_macs_per_image"] < summary["joint_full"]["forward_macs_per_image"]
+        assert summary["random"]["score_macs_per_image"] == 0 < summary["topk"]["score_macs_per_image"]
+
+    # the agent loads and predicts a valid action; the ViT file is weights-only loadable
+    agent = DDQN.load(str(out / "agent.zip"), device="cpu")
+    action, _ = agent.predict(np.full(n, 1.0 / n, dtype=np.float32), deterministic=True)
+    assert agent.action_space.contains(np.asarray(action).astype(np.int64).reshape(()))
+    raw = torch.load(out / "vit.pt", weights_only=True)
+    assert raw["format"] == "keepgym-model" and raw["extra"]["agentvit"]["action_mode"] == "ratio"
+    with zipfile.ZipFile(out / "agent.zip") as zf:
+        assert "policy.pth" in zf.namelist()
+
+    # keepgym evaluate --vit --agent: the agent selects patches at inference time
+    result_path = tmp_path / "eval.json"
+    vit, agent_zip = str(out / "vit.pt"), str(out / "agent.zip")
+    argv = ["evaluate", "--vit", vit, "--agent", agent_zip, "--dataset", "digits"]
+    assert main([*argv, "--out", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["agent"]["accuracy"] == pytest.approx(summary["agent"]["test_accuracy"])
+    assert result["full"]["accuracy"] == pytest.approx(summary["joint_full"]["test_accuracy"])
+    assert result["agent"]["kept_patches"] == pytest.approx(summary["agent"]["kept_patches"])
+    # refuses to overwrite a run without --force
+    assert main(["agentvit", *TINY, "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize(("algo", "mode"), [("dqn", "ratio"), ("ppo", "ratio"), ("ddqn", "mask")])
+def test_other_agents_and_mask_mode(tmp_path, algo, mode):
+    out = tmp_path / f"{algo}-{mode}"
+    assert main(["agentvit", *TINY, "--algo", algo, "--action-mode", mode, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algo"] == algo and summary["action_mode"] == mode
+    assert 1 <= summary["agent"]["kept_patches"] <= summary["num_patches"]
+    assert av._agent_class(algo).load(str(out / "agent.zip"), device="cpu").action_space is not None
+    if mode == "mask":
+        assert torch.load(out / "vit.pt", weights_only=True)["extra"]["agentvit"]["action_mode"] == "mask"
+
+
+def test_resume_continues_the_interrupted_run(tmp_path):
+    full = av.train_agentvit(_tiny_config(tmp_path / "full"))
+    assert av.train_agentvit(_tiny_config(tmp_path / "cut", _stop_after_epoch=2)) is None
+    assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = av.train_agentvit(_tiny_config(tmp_path / "cut", resume=True))
+    for block in ("agent", "topk", "random", "joint_full"):
+        assert resumed[block]["test_accuracy"] == full[block]["test_accuracy"], block
+        assert resumed[block]["kept_patches"] == full[block]["kept_patches"], block
+    a = torch.load(tmp_path / "full" / "vit.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "vit.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--algo", "dqn", "--action-mode", "mask"],
+        ["--epochs", "0"],
+        ["--epochs", "2", "--warmup-epochs", "2"],
+        ["--patch-size", "5"],
+        ["--target-keep", "64"],
+        ["--keep-ratios", "0.5", "1.5"],
+        ["--state-layer", "7"],
+        ["--batch-size", "1"],
+    ],
+)
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, extra):
+    out = tmp_path / "bad"
+    assert main(["agentvit", *TINY, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("keepgym agentvit: error:")
+    assert not out.exists()
+
+
+def test_bad_choice_and_resume_without_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["agentvit", *TINY, "--algo", "sac"])
+    assert exc.value.code == 2
+    assert main(["agentvit", *TINY, "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+
+
+def test_evaluate_vit_errors(tmp_path, capsys):
+    missing = str(tmp_path / "missing.pt")
+    assert main(["evaluate", "--vit", missing, "--agent", missing, "--dataset", "digits"]) == 2
+    assert main(["evaluate", "--vit", missing, "--dataset", "digits"]) == 2
+    not_vit = tmp_path / "x.pt"
+    not_vit.write_bytes(b"not a model")
+    assert main(["evaluate", "--vit", str(not_vit), "--agent", str(not_vit), "--dataset", "digits"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("keepgym evaluate: error:") for line in lines)
+
+
+def test_benchmark_agentvit_quick():
+    result = av.benchmark_agentvit(device="cpu", quick=True, steps=2)
+    assert result["full_step_seconds"] > 0 and result["joint_step_seconds"] > 0
+    assert result["speedup"] == pytest.approx(result["full_step_seconds"] / result["joint_step_seconds"])
+    assert 1 <= result["kept"] < result["num_patches"]
