@@ -837,6 +837,24 @@ class PruneEnv(gym.Env):
         self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
 
+    # ------------------------------------------------------------------ external weight updates
+    def model_changed(self) -> np.ndarray:
+        """Re-score after :attr:`model`'s weights were changed outside :meth:`step` (e.g. distilled).
+
+        For drivers that fine-tune between stages themselves (``keepgym prune``): the validation
+        accuracy is measured again and, unless the episode is over, the next stage's calibration batch,
+        channel importance and cost model are recomputed from the new weights (drawing from
+        ``np_random``, so seeded runs stay reproducible). The architecture must not have changed.
+
+        Returns:
+            The new observation.
+        """
+        self._require_started()
+        self.last_accuracy = _accuracy(self.model, *self._val, self.batch_size)
+        if not self._terminated:
+            self._prepare_stage()
+        return self._obs()
+
     # ------------------------------------------------------------------ internals
     def _require_started(self) -> None:
         if not self._started:

@@ -467,7 +467,7 @@ class _StageRecovery(gym.Wrapper):
                 batch_size=self.cfg.kd_batch_size,
                 device=self.device,
             )
-            obs, env_acc = _after_kd(raw, obs, acc)
+            obs, env_acc = _after_kd(raw)
             # info["accuracy"] stays the committed (pre-distillation) accuracy: RL-Pruner's collapse guard
             # compares a candidate with the previous stage's pre-fine-tune accuracy (reference code).
             info["accuracy_after_kd"] = env_acc
@@ -535,27 +535,14 @@ def _original_model(raw: Any) -> torch.nn.Module:
     return raw.model
 
 
-def _after_kd(raw: Any, obs: np.ndarray, accuracy: float) -> tuple[np.ndarray, float]:
+def _after_kd(raw: Any) -> tuple[np.ndarray, float]:
     """Tell the env its model's weights changed outside ``step`` (distilled); return the new observation.
 
     The env re-scores the model on its validation images and recomputes the next stage's channel
     importance from the distilled weights (``PruneEnv.model_changed()``).
     """
-    hook = getattr(raw, "model_changed", None)
-    if hook is None:  # TEMPORARY until PruneEnv.model_changed exists
-        raw.last_accuracy = float(raw._accuracy_now()) if hasattr(raw, "_accuracy_now") else _tmp_acc(raw)
-        if not raw._terminated:
-            raw._prepare_stage()
-        new_obs = raw._obs()
-    else:
-        new_obs = np.asarray(hook(), dtype=np.float32)
+    new_obs = np.asarray(raw.model_changed(), dtype=np.float32)
     return new_obs, float(new_obs[-1])
-
-
-def _tmp_acc(raw):
-    from envs.prune_env import _accuracy
-
-    return _accuracy(raw.model, *raw._val, raw.batch_size)
 
 
 def _env_get_state(raw: Any) -> dict[str, Any]:
