@@ -12,6 +12,7 @@ one env step is one ViT training step; any discrete-action SB3 agent (DQN, PPO, 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -116,10 +117,15 @@ class PatchSelectEnv(gym.Env):
 
     ``loss``, ``kept`` (patches per image), ``macs_per_image`` (the training forward, counted like
     ``ViT.analytic_macs``), ``state_macs_per_image`` (the scoring pass), ``epoch``, ``step``,
-    ``warmup``, ``reward_loss`` and ``reward_patch`` (the two reward terms) and, when
-    ``info_timings`` is True, ``step_seconds`` (wall time of the training step: forward, backward,
-    optimiser). Timings differ between otherwise identical runs, so Gymnasium's determinism checker,
+    ``warmup``, ``reward_loss`` and ``reward_patch`` (the two reward terms), ``learning_rate``,
+    ``diverged`` (see below) and, when ``info_timings`` is True, ``step_seconds`` (wall time of the
+    training step: forward, backward, optimiser). Timings differ between otherwise identical runs, so Gymnasium's determinism checker,
     which compares ``info`` exactly, needs ``info_timings=False``.
+
+    Divergence guard: a NaN/inf training loss skips that update, restores the ViT and optimiser state
+    kept every ``guard_interval`` steps (and at the start of the run), lowers the learning rate 10x
+    (once) and sets ``info["diverged"]``; the step's loss reward term is 0, the episode goes on, and
+    :attr:`divergence_events` lists what happened.
 
     Evaluation: ``evaluate(select_fn, split="val")`` measures accuracy, MACs and throughput of the
     current ViT with patches chosen by ``select_fn(scores) -> indices`` (or all), and
@@ -157,6 +163,7 @@ class PatchSelectEnv(gym.Env):
         info_timings: Put ``step_seconds`` in ``info``.
         data: A ready ``DatasetSplits`` (tests, custom data); overrides ``dataset``.
         render_mode: Not supported; must be None.
+        guard_interval: Steps between the copies of the ViT/optimiser state the NaN guard restores.
 
     Raises:
         ValueError: A patch size that does not divide the image, ``keep_ratios`` outside ``(0, 1]``,
@@ -200,6 +207,7 @@ class PatchSelectEnv(gym.Env):
         info_timings: bool = True,
         data: DatasetSplits | None = None,
         render_mode: str | None = None,
+        guard_interval: int = 50,
     ) -> None:
         super().__init__()
         if render_mode is not None:
@@ -215,6 +223,8 @@ class PatchSelectEnv(gym.Env):
             )
         if batch_size < 1 or warmup_epochs < 0 or learning_rate <= 0:
             raise ValueError("batch_size must be >= 1, warmup_epochs >= 0 and learning_rate > 0")
+        if guard_interval < 1:
+            raise ValueError(f"guard_interval must be >= 1, got {guard_interval}")
         if not 0 <= state_layer < depth:
             raise ValueError(f"state_layer must be in [0, depth={depth}), got {state_layer}")
 
@@ -255,6 +265,7 @@ class PatchSelectEnv(gym.Env):
         self.warmup_epochs = warmup_epochs
         self.augment = augment
         self.info_timings = info_timings
+        self.guard_interval = int(guard_interval)
         self.device = _resolve_device(device)
         self.render_mode = render_mode
         self._vit_kwargs = dict(
@@ -298,6 +309,9 @@ class PatchSelectEnv(gym.Env):
         self._iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores: torch.Tensor | None = None
+        # NaN guard: a copy of the last good ViT + optimiser state, and the events handled.
+        self._good_state: tuple[dict, dict] | None = None
+        self._divergence_events: list[dict[str, Any]] = []
 
     # ---------------------------------------------------------------- properties
     @property
@@ -314,6 +328,11 @@ class PatchSelectEnv(gym.Env):
     def steps_per_epoch(self) -> int:
         """Steps in one episode (full training batches per epoch)."""
         return len(self._loader)
+
+    @property
+    def divergence_events(self) -> list[dict[str, Any]]:
+        """NaN/inf training losses the guard handled in this run (``epoch``, ``step``, ``action``)."""
+        return list(self._divergence_events)
 
     @property
     def state_macs_per_image(self) -> int:
@@ -353,27 +372,31 @@ class PatchSelectEnv(gym.Env):
         _sync(self.device)
         start = time.perf_counter()
         loss = F.cross_entropy(vit(x, keep=keep), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         loss_value = float(loss.item())
+        diverged = not math.isfinite(loss_value)
+        if diverged:
+            self._on_divergence(loss_value)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         _sync(self.device)
         step_seconds = time.perf_counter() - start
-        if not math.isfinite(loss_value):
-            logger.warning(
-                "non-finite ViT training loss %s at epoch %d step %d", loss_value, self._epoch, self._step
-            )
 
         reward_loss = reward_patch = 0.0
         if not warmup:
-            if self._loss_ref is None:
-                self._loss_ref = loss_value
-            reward_loss = self.loss_weight * self._loss_ref / max(loss_value, 1e-8)
+            # A diverged step says nothing about the loss: its loss term is 0 (and L_ref stays unset).
+            if not diverged:
+                if self._loss_ref is None:
+                    self._loss_ref = loss_value
+                reward_loss = self.loss_weight * self._loss_ref / max(loss_value, 1e-8)
             z, z_star = self.num_patches - kept, self.num_patches - self.target_keep
             reward_patch = -self.patch_weight * abs(z - z_star) / z_star
         reward = reward_loss + reward_patch
 
         self._step += 1
+        if not diverged and self._step % self.guard_interval == 0:
+            self._save_good_state()
         truncated = False
         try:
             self._batch = next(self._iter)  # type: ignore[arg-type]
@@ -397,6 +420,8 @@ class PatchSelectEnv(gym.Env):
             "warmup": warmup,
             "reward_loss": reward_loss,
             "reward_patch": reward_patch,
+            "diverged": diverged,
+            "learning_rate": float(opt.param_groups[0]["lr"]),
         }
         if self.info_timings:
             info["step_seconds"] = step_seconds
@@ -476,6 +501,43 @@ class PatchSelectEnv(gym.Env):
         self._run_started = True
         self._epoch = 0
         self._loss_ref = None
+        self._divergence_events = []
+        self._save_good_state()
+
+    def _save_good_state(self) -> None:
+        """Keep a copy of the ViT + optimiser state for the NaN guard (only if the weights are finite)."""
+        assert self._optimizer is not None
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self._vit.parameters()]).all()):
+            return  # the next step's loss will be non-finite and the guard goes back to the older copy
+        self._good_state = (
+            {k: v.detach().clone() for k, v in self._vit.state_dict().items()},
+            copy.deepcopy(self._optimizer.state_dict()),
+        )
+
+    def _on_divergence(self, loss_value: float) -> None:
+        """Non-finite loss: no update; restore the last good ViT + optimiser, lower the lr 10x once."""
+        assert self._optimizer is not None
+        opt = self._optimizer
+        opt.zero_grad(set_to_none=True)
+        if self._good_state is None:  # e.g. after an external load_state_dict; rebuild from now
+            self._save_good_state()
+        if self._good_state is not None:
+            self._vit.load_state_dict(self._good_state[0])
+            opt.load_state_dict(self._good_state[1])
+        # "Lowered" is read off the optimiser itself, so a checkpointed optimiser carries it too.
+        action = "restored the last good ViT and optimiser state"
+        if opt.param_groups[0]["lr"] >= self.learning_rate:
+            for group in opt.param_groups:
+                group["lr"] = self.learning_rate * 0.1
+            action += ", learning rate lowered 10x"
+        self._divergence_events.append({"epoch": self._epoch, "step": self._step, "action": action})
+        logger.warning(
+            "non-finite ViT training loss %s at epoch %d step %d: %s",
+            loss_value,
+            self._epoch,
+            self._step,
+            action,
+        )
 
     def _score(self, x: torch.Tensor) -> torch.Tensor:
         return self._vit.patch_scores(x, layer=self.state_layer, mode=self.state)
@@ -509,7 +571,7 @@ class PatchSelectEnv(gym.Env):
                 raise ValueError(f"action must be an integer in [0, {len(self.keep_ratios)}), got {action!r}")
             k = self.keep_counts[int(value)]
             return None if k == n else select_topk(scores, k)
-        if a.shape != (n,) or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+        if a.shape != (n,) or a.dtype.kind not in "biuf":  # bool / int / float; not complex, str, object
             raise ValueError(
                 f"action must be a 0/1 mask of shape ({n},), got shape {a.shape} dtype {a.dtype}"
             )

@@ -217,9 +217,9 @@ class PruneEnv(gym.Env):
     distribution ``p``; group ``g`` is asked for ``p_g * M`` channels (largest-remainder rounding; a
     group never drops below ``min_channels``, and what it cannot give is redistributed to the other
     groups in proportion to their weights). All zeros means uniform. Negative entries are clipped to
-    0; NaN/inf, a wrong shape or an all-negative action raise ``ValueError`` and leave the env as it
-    was. With ``round_to > 1`` group widths stay multiples of ``round_to`` and the stage total is
-    ``M`` rounded to whole multiples.
+    0; NaN/inf, a wrong shape, a dtype that is not bool/int/float (strings, complex, objects, None)
+    or an all-negative action raise ``ValueError`` and leave the env as it was. With ``round_to > 1``
+    group widths stay multiples of ``round_to`` and the stage total is ``M`` rounded to whole multiples.
 
     ## Observation Space
 
@@ -237,7 +237,10 @@ class PruneEnv(gym.Env):
     ``params_ratio`` (against the original model), ``sparsity``, ``layer_sparsity``, ``stage``,
     ``widths`` (per group) and ``wall_times`` (:class:`WallTimes`); step and evaluate add ``removed``
     (channels per group this stage) and ``accuracy_before_finetune``; step adds the closed-form
-    ``closed_form_macs`` / ``closed_form_params`` it predicted (equal to the counter's figures).
+    ``closed_form_macs`` / ``closed_form_params`` it predicted (equal to the counter's figures), and
+    ``finetune_steps_done``, ``finetune_learning_rate`` and ``finetune_diverged``: a NaN/inf KD loss
+    stops that stage's fine-tuning, restores the last good weights (:func:`envs.distill.distill`) and
+    lowers the fine-tuning learning rate 10x for the rest of the episode (once).
 
     ## Starting State
 
@@ -529,6 +532,7 @@ class PruneEnv(gym.Env):
         self._terminated = False
         self.macs, self.params = self.macs0, self.params0
         self.last_accuracy = 0.0
+        self._finetune_lr_scale = 1.0  # 0.1 once KD diverged in this episode
 
     @property
     def group_widths(self) -> np.ndarray:
@@ -579,9 +583,16 @@ class PruneEnv(gym.Env):
     # ------------------------------------------------------------------ action handling
     def _check_action(self, action: Any) -> np.ndarray:
         try:
-            a = np.asarray(action, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+            raw = np.asarray(action)
+        except Exception as exc:  # noqa: BLE001 - ragged lists, objects whose __array__ fails, ...
             raise ValueError(f"action must be a numeric array of shape ({self.num_groups},)") from exc
+        # Only real numbers (and bools): numpy would parse strings ("0.5"), drop imaginary parts and
+        # unpack object arrays silently, which hides bugs in the caller.
+        if raw.dtype.kind not in "biuf":
+            raise ValueError(
+                f"action must be a real numeric array of shape ({self.num_groups},), got dtype {raw.dtype}"
+            )
+        a = raw.astype(np.float64)
         if a.shape != (self.num_groups,):
             raise ValueError(f"action must have shape ({self.num_groups},), got {a.shape}")
         if not np.all(np.isfinite(a)):
@@ -599,9 +610,11 @@ class PruneEnv(gym.Env):
         integers by largest remainder, so the total is ``M`` unless fewer channels are left.
 
         Raises:
-            ValueError: NaN/inf, wrong shape, all-negative action.
+            ValueError: NaN/inf, wrong shape, non-real dtype, all-negative action.
         """
         a = np.clip(self._check_action(action), 0.0, None)
+        if a.max() > 0:
+            a = a / a.max()  # scale first: the sum of huge weights (1e308) would overflow to inf
         p = a / a.sum() if a.sum() > 0 else np.full(self.num_groups, 1.0 / self.num_groups)
         budget = self.stage_budget
         widths = self.group_widths
@@ -690,23 +703,38 @@ class PruneEnv(gym.Env):
         _sync(self.device)
         surgery_s = time.perf_counter() - t0
         finetune_s, acc_before = 0.0, None
+        finetune: dict[str, Any] = {"finetune_steps_done": 0, "finetune_learning_rate": 0.0}
         if self.finetune_steps > 0:
             t1 = time.perf_counter()
             acc_before = _accuracy(self.model, *self._val, self.batch_size)
             for p in self.model.parameters():
                 p.requires_grad_(True)
-            distill(
+            finetune_lr = self.finetune_lr * self._finetune_lr_scale
+            stats = distill(
                 self.model,
                 self.teacher,
                 self.data,
                 self.finetune_steps,
                 temperature=self.kd_temperature,
                 kd_weight=self.kd_weight,
-                learning_rate=self.finetune_lr,
+                learning_rate=finetune_lr,
                 batch_size=self.batch_size,
                 device=self.device,
                 seed=int(self.np_random.integers(2**62)),
             )
+            finetune = {"finetune_steps_done": stats.steps, "finetune_learning_rate": finetune_lr}
+            if stats.diverged:
+                # distill restored the last good weights; the later stages of this episode fine-tune
+                # at a 10x lower learning rate (lowered once).
+                finetune["finetune_diverged"] = True
+                self._finetune_lr_scale = 0.1
+                logger.warning(
+                    "stage %d: KD diverged after %d steps; weights of step %s restored; KD lr now %g",
+                    self.stage + 1,
+                    stats.steps,
+                    stats.restored_step,
+                    self.finetune_lr * self._finetune_lr_scale,
+                )
             finetune_s = time.perf_counter() - t1
         t2 = time.perf_counter()
         acc = _accuracy(self.model, *self._val, self.batch_size)
@@ -729,6 +757,8 @@ class PruneEnv(gym.Env):
             closed_form_macs=predicted[0],
             closed_form_params=predicted[1],
             accuracy_before_finetune=acc if acc_before is None else acc_before,
+            finetune_diverged=False,
+            **finetune,
         )
         return self._obs(), reward, self._terminated, False, info
 
@@ -822,6 +852,7 @@ class PruneEnv(gym.Env):
             "calib": self._calib,
             "val": self._val,
             "rng": copy.deepcopy(self.np_random.bit_generator.state),
+            "finetune_lr_scale": self._finetune_lr_scale,
         }
 
     def restore(self, snap: dict) -> None:
@@ -834,6 +865,7 @@ class PruneEnv(gym.Env):
         self._scores = [s.clone() for s in snap["scores"]]
         self._calib, self._val = snap["calib"], snap["val"]
         self.np_random.bit_generator.state = copy.deepcopy(snap["rng"])
+        self._finetune_lr_scale = snap.get("finetune_lr_scale", 1.0)
         self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
 
