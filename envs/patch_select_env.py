@@ -119,11 +119,11 @@ class PatchSelectEnv(gym.Env):
     ``ViT.analytic_macs``), ``state_macs_per_image`` (the scoring pass), ``epoch``, ``step``,
     ``warmup``, ``reward_loss`` and ``reward_patch`` (the two reward terms), ``learning_rate``,
     ``diverged`` (see below) and, when ``info_timings`` is True, ``step_seconds`` (wall time of the
-    training step: forward, backward, optimiser). Timings differ between otherwise identical runs, so Gymnasium's determinism checker,
-    which compares ``info`` exactly, needs ``info_timings=False``.
+    training step: forward, backward, optimiser). Timings differ between otherwise identical runs,
+    so Gymnasium's determinism checker, which compares ``info`` exactly, needs ``info_timings=False``.
 
     Divergence guard: a NaN/inf training loss skips that update, restores the ViT and optimiser state
-    kept every ``guard_interval`` steps (and at the start of the run), lowers the learning rate 10x
+    kept every ``guard_interval`` steps and at the start of every epoch, lowers the learning rate 10x
     (once) and sets ``info["diverged"]``; the step's loss reward term is 0, the episode goes on, and
     :attr:`divergence_events` lists what happened.
 
@@ -162,7 +162,8 @@ class PatchSelectEnv(gym.Env):
         download: Let torchvision download a missing real dataset.
         info_timings: Put ``step_seconds`` in ``info``.
         data: A ready ``DatasetSplits`` (tests, custom data); overrides ``dataset``.
-        render_mode: Not supported; must be None.
+        render_mode: None or ``"rgb_array"``: :meth:`render` returns the observation as a heat map
+            (one cell per patch, brighter = more attention; SB3's ``make_vec_env`` asks for it).
         guard_interval: Steps between the copies of the ViT/optimiser state the NaN guard restores.
 
     Raises:
@@ -174,7 +175,7 @@ class PatchSelectEnv(gym.Env):
     * v0: initial version.
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"]}
 
     def __init__(
         self,
@@ -210,8 +211,8 @@ class PatchSelectEnv(gym.Env):
         guard_interval: int = 50,
     ) -> None:
         super().__init__()
-        if render_mode is not None:
-            raise ValueError(f"PatchSelectEnv does not render; render_mode must be None, got {render_mode!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         if action_mode not in ACTION_MODES:
             raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
         if state not in STATES:
@@ -348,6 +349,7 @@ class PatchSelectEnv(gym.Env):
             self._new_run()
         else:
             self._epoch += 1
+            self._save_good_state()  # also picks up weights loaded from outside between epochs
         self._step = 0
         self._iter = iter(self._loader)
         self._batch = next(self._iter)
@@ -479,6 +481,20 @@ class PatchSelectEnv(gym.Env):
             return keep if keep is not None else torch.arange(self.num_patches, device=scores.device)
 
         return self._evaluate(choose, split, batch_size or self.batch_size)
+
+    def render(self) -> np.ndarray | None:
+        """``"rgb_array"``: the current observation as an ``(8 s, 8 s, 3)`` uint8 heat map, ``s * s = N``
+        (min-max scaled; black before the first reset)."""
+        if self.render_mode != "rgb_array":
+            return None
+        side = math.isqrt(self.num_patches)
+        if self._scores is None:
+            return np.zeros((8 * side, 8 * side, 3), dtype=np.uint8)
+        obs = self._observation().astype(np.float64)
+        span = float(obs.max() - obs.min())
+        grid = ((obs - obs.min()) / span if span > 0 else np.zeros_like(obs)).reshape(side, side)
+        grey = np.kron(np.round(255 * grid).astype(np.uint8), np.ones((8, 8), dtype=np.uint8))
+        return np.repeat(grey[..., None], 3, axis=2)
 
     def save(self, path: str, **extra: Any) -> None:
         """Save the ViT with ``models.save_model`` (state_dict + the spec to rebuild it)."""

@@ -275,14 +275,15 @@ class PruneEnv(gym.Env):
     * ``min_channels`` (1), ``round_to`` (1): width floor and multiple per group.
     * ``batch_size``: evaluation and fine-tuning batch size. ``device``: ``cpu`` / ``cuda`` / ``auto``.
     * ``model``, ``data``: inject a model / :class:`envs.data.DatasetSplits` instead (tests).
-    * ``render_mode``: ``None`` or ``"ansi"`` (a text summary of the stage).
+    * ``render_mode``: ``None``, ``"ansi"`` (a text summary of the stage) or ``"rgb_array"`` (a bar
+      chart of the per-group sparsity; SB3's ``make_vec_env`` asks for it by default).
 
     ## Version History
 
     * v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata = {"render_modes": ["ansi", "rgb_array"]}
 
     def __init__(
         self,
@@ -463,7 +464,7 @@ class PruneEnv(gym.Env):
             (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
             (
                 render_mode is None or render_mode in PruneEnv.metadata["render_modes"],
-                f"render_mode must be None or 'ansi', got {render_mode!r}",
+                f"render_mode must be None, 'ansi' or 'rgb_array', got {render_mode!r}",
             ),
             (width_mult > 0, f"width_mult must be > 0, got {width_mult}"),
             (baseline_epochs >= 1, f"baseline_epochs must be >= 1, got {baseline_epochs}"),
@@ -801,17 +802,23 @@ class PruneEnv(gym.Env):
 
         Args:
             actions: candidate actions.
-            backend: ``"serial"`` or one added by :func:`register_evaluate_backend`.
+            backend: ``"serial"``, ``"ray"`` (:class:`envs.ray_backend.RayBackend`, needs
+                ``pip install -e .[ray]``) or one added by :func:`register_evaluate_backend`.
             workers: parallelism hint for the backend.
         """
         self._require_started()
+        if backend == "ray" and backend not in _EVALUATE_BACKENDS:
+            import envs.ray_backend  # noqa: F401  (registers "ray"; Ray itself is imported on first use)
         if backend not in _EVALUATE_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(sorted(_EVALUATE_BACKENDS))}")
         checked = [self._check_action(a) for a in actions]
         return _EVALUATE_BACKENDS[backend](self, checked, workers)
 
-    def render(self) -> str | None:
-        """``"ansi"``: one line per group (layers, width, sparsity) and the totals."""
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: one line per group (layers, width, sparsity) and the totals; ``"rgb_array"``: an
+        ``(H, W, 3)`` uint8 bar chart of the per-group sparsity (one bar per group, full height = 1)."""
+        if self.render_mode == "rgb_array":
+            return _bar_image(1.0 - self.group_widths / np.maximum(self.initial_group_widths, 1))
         if self.render_mode != "ansi":
             return None
         w, w0 = self.group_widths, self.initial_group_widths
@@ -933,6 +940,16 @@ class PruneEnv(gym.Env):
             "widths": [int(v) for v in widths],
             "wall_times": times,
         }
+
+
+def _bar_image(values: np.ndarray, height: int = 64, bar: int = 6) -> np.ndarray:
+    """``values`` in [0, 1] as an ``(height, bar * len(values), 3)`` uint8 bar chart (no matplotlib)."""
+    values = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    image = np.full((height, bar * len(values), 3), 255, dtype=np.uint8)
+    for i, v in enumerate(values):
+        top = height - int(round(v * height))
+        image[top:, i * bar : (i + 1) * bar - 1] = (230, 120, 30)
+    return image
 
 
 def _classifier(model: nn.Module) -> nn.Linear:

@@ -1265,7 +1265,7 @@ def benchmark_agentvit(
             augment=True,
             drop_last=True,
             device=dev,
-            generator=copy.deepcopy(env._loader.generator),
+            generator=torch.Generator().manual_seed(_env_data_seed(seed)),
         )
         vit = env.vit
         opt = torch.optim.Adam(vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))

@@ -128,6 +128,9 @@ class PruneConfig:
     workers: int = arg(1, help="candidate evaluation workers (process/ray backends)")
     episodes: int = arg(1, help="ppo/sac/a2c: training episodes (the best one on validation is kept)")
     latency_repeats: int = arg(20, help="timed passes per latency figure (0: skip latency)")
+    latency_threads: int | None = arg(
+        None, help="torch CPU threads while timing (default: torch's; 1 is steadier on a shared machine)"
+    )
     data_root: str | None = arg(None, help="folder of the torchvision datasets")
     device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
     seed: int = arg(0, help="random seed (agent, env sampling, distillation)")
@@ -199,6 +202,10 @@ def validate(cfg: PruneConfig) -> None:
         (cfg.workers >= 1, f"--workers must be >= 1, got {cfg.workers}"),
         (cfg.episodes >= 1, f"--episodes must be >= 1, got {cfg.episodes}"),
         (cfg.latency_repeats >= 0, f"--latency-repeats must be >= 0, got {cfg.latency_repeats}"),
+        (
+            cfg.latency_threads is None or cfg.latency_threads >= 1,
+            f"--latency-threads must be >= 1, got {cfg.latency_threads}",
+        ),
         (cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}"),
     ]
     for ok, msg in checks:
@@ -750,23 +757,33 @@ def _measure(model: torch.nn.Module, data: Any, device: str) -> dict[str, Any]:
     }
 
 
-def _latency_side_by_side(models: dict[str, torch.nn.Module], data: Any, device: str, repeats: int) -> dict:
-    """Median latency at batch 1 and 64 of several models, interleaved so they share the machine's state."""
+def _latency_side_by_side(
+    models: dict[str, torch.nn.Module], data: Any, device: str, repeats: int, threads: int | None = None
+) -> dict:
+    """Median latency at batch 1 and 64 of several models, interleaved so they share the machine's state.
+
+    ``threads`` sets torch's CPU threads while timing (restored afterwards).
+    """
     from envs.metrics import measure_latency
 
     out = {name: {"latency_ms_b1": None, "latency_ms_b64": None} for name in models}
     if repeats <= 0:
         return out
     size = _input_size(data)
-    for batch, key, reps in ((1, "latency_ms_b1", repeats), (64, "latency_ms_b64", max(3, repeats // 4))):
-        samples: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(3):  # three interleaved rounds; the median of the medians is reported
-            for name, model in models.items():
-                samples[name].append(
-                    measure_latency(model, size, batch_size=batch, repeats=reps, device=device)["median_ms"]
-                )
-        for name in models:
-            out[name][key] = float(np.median(samples[name]))
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for batch, key, reps in ((1, "latency_ms_b1", repeats), (64, "latency_ms_b64", max(3, repeats // 4))):
+            samples: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(3):  # three interleaved rounds; the median of the medians is reported
+                for name, model in models.items():
+                    ms = measure_latency(model, size, batch_size=batch, repeats=reps, device=device)
+                    samples[name].append(ms["median_ms"])
+            for name in models:
+                out[name][key] = float(np.median(samples[name]))
+    finally:
+        torch.set_num_threads(saved_threads)
     return out
 
 
@@ -949,7 +966,9 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     original = recovery.original
     base = _measure(original, data, device)
     final = _measure(student, data, device)
-    lat = _latency_side_by_side({"baseline": original, "final": student}, data, device, cfg.latency_repeats)
+    lat = _latency_side_by_side(
+        {"baseline": original, "final": student}, data, device, cfg.latency_repeats, cfg.latency_threads
+    )
     base.update(lat["baseline"])
     final.update(lat["final"])
     initial_widths = np.asarray(search["initial_widths"], dtype=np.int64)
