@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments demo --out runs/demo --force
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check envs agents models experiments tests

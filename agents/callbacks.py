@@ -41,13 +41,20 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import TensorBoardOutputFormat
 
-__all__ = ["EnvInfoCallback", "DEFAULT_INFO_KEYS", "DEFAULT_FINAL_KEYS", "render_group_sparsity"]
+__all__ = [
+    "EnvInfoCallback",
+    "DEFAULT_INFO_KEYS",
+    "DEFAULT_FINAL_KEYS",
+    "read_tensorboard",
+    "render_group_sparsity",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +154,21 @@ def render_group_sparsity(sparsity: Sequence[float], title: str = "") -> np.ndar
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def read_tensorboard(logdir: str | Path) -> Any:
+    """Load every event of the TensorBoard run folder ``logdir`` (no sampling) for reading back.
+
+    Returns:
+        A loaded ``EventAccumulator``: ``.Tags()``, ``.Scalars(tag)`` (``step``, ``value``),
+        ``.Histograms(tag)``, ``.Images(tag)``; the ``config`` text is the tensor ``config/text_summary``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    size = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0}
+    accumulator = EventAccumulator(str(logdir), size_guidance=size)
+    accumulator.Reload()
+    return accumulator
 
 
 class EnvInfoCallback(BaseCallback):
@@ -280,6 +302,10 @@ class EnvInfoCallback(BaseCallback):
             writer.flush()
 
     def _on_training_end(self) -> None:
+        # Flush what the algorithm recorded after its last dump (e.g. PPO's last `train/*`, the env
+        # averages of the text outputs), so a short run loses nothing.
+        if self.logger.name_to_value:
+            self.logger.dump(self.num_timesteps)
         writers = self._writers()
         if (
             self.image_interval > 0

@@ -30,10 +30,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from gymnasium import spaces
 
-from envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
+from envs.data import DATASETS, DatasetSplits, load_dataset
 from envs.distill import distill
 from envs.pruning import CRITERIA, GroupPruner, count_macs_params
 
@@ -83,36 +82,15 @@ def _train_baseline(
     model: nn.Module, data: DatasetSplits, epochs: int, device: torch.device, seed: int = 0
 ) -> float:
     """A few epochs of SGD (nesterov, cosine) on the train split; returns validation accuracy."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = BatchLoader(
-        data.train_x,
-        data.train_y,
-        data,
-        64,
-        shuffle=True,
-        augment=False,
-        drop_last=True,
-        device=device,
-        generator=generator,
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    total = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    from envs.trainer import Trainer
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.train()
+        trainer = Trainer(model, data, epochs=epochs, batch_size=64, augment=False, device=device, seed=seed)
         for _ in range(epochs):
-            for x, y in loader:
-                loss = F.cross_entropy(model(x), y)
-                if not torch.isfinite(loss):
-                    raise RuntimeError("baseline training diverged (non-finite loss)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+            stats = trainer.train_epoch()
     model.eval()
-    x = data.normalize(data.val_x.to(device))
-    return _accuracy(model, x, data.val_y.to(device), 256)
+    return stats.val_accuracy
 
 
 @torch.no_grad()

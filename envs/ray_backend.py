@@ -107,7 +107,7 @@ class _Evaluator:
 
 # --------------------------------------------------------------------------- the backend
 class RayBackend:
-    """Score :class:`PruneEnv` candidates on a Ray ``ActorPool`` (register it with :func:`register_ray_backend`).
+    """Score :class:`PruneEnv` candidates on a Ray ``ActorPool`` (configured by :func:`register_ray_backend`).
 
     Called as ``backend(env, actions, workers)`` by ``env.evaluate_many(..., backend="ray")``. The
     pool is created on first use and kept; it is rebuilt only when ``workers`` changes. Before
@@ -305,8 +305,14 @@ def benchmark_ray_search(workers: int = 2, candidates: int = 20, quick: bool = F
     width, n_val, n_cand = (0.25, 200, min(candidates, 6)) if quick else (0.5, 500, candidates)
     data = load_dataset("synthetic", val_size=n_val, train_size=n_val + 300, test_size=50)
     env = PruneEnv(
-        model_name="vgg11", dataset="synthetic", data=data, pretrained=False, width_mult=width,
-        stage_sparsity=0.05, calibration_size=32, batch_size=250,
+        model_name="vgg11",
+        dataset="synthetic",
+        data=data,
+        pretrained=False,
+        width_mult=width,
+        stage_sparsity=0.05,
+        calibration_size=32,
+        batch_size=250,
     )
     env.reset(seed=0)
     rng = np.random.default_rng(0)

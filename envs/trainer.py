@@ -3,10 +3,17 @@
 Used by ``keepgym train`` and by ``RLPrune-Digits-v0`` to build its small baseline. One
 :class:`Trainer` holds the model, the optimiser, the schedule and every random state, so
 ``state_dict()`` taken after any epoch resumes to exactly the result of an uninterrupted run.
+
+Under ``torchrun`` (``distributed=True``) the model is wrapped in ``DistributedDataParallel`` and
+every rank trains on its slice of each global batch (:class:`envs.distributed.ShardedLoader`). On
+CUDA, ``amp`` runs forward passes under bf16 autocast and CNNs use ``channels_last``; the hot loop
+keeps loss and accuracy sums on the device and checks for NaN only every few steps, so it does not
+wait for the GPU after each batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,11 +26,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from envs.data import BatchLoader, DatasetSplits
+from envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
 from envs.metrics import evaluate_accuracy
 
 __all__ = ["Trainer", "EpochStats"]
 
 logger = logging.getLogger(__name__)
+
+# On CUDA the NaN guard looks at the loss every this many steps (one host sync each), at the
+# restore points; on CPU a sync is free, so it checks every step.
+_CUDA_CHECK_EVERY = 10
 
 
 @dataclass
@@ -60,6 +72,12 @@ class Trainer:
         augment: pad-crop + flip on the training batches.
         device: torch device.
         seed: seeds data order, augmentation and dropout.
+        distributed: train with ``DistributedDataParallel`` over the open process group (see
+            :func:`envs.distributed.init_distributed`); ``batch_size`` is then the global batch, split
+            between the ranks, so N ranks follow the single-process batch sequence. Every rank must
+            build its Trainer identically and call :meth:`train_epoch` together.
+        amp: bf16 autocast for forward passes and evaluation on CUDA (ignored on CPU).
+        channels_last: ``channels_last`` memory format for 4-D inputs on CUDA (ignored on CPU).
     """
 
     def __init__(
@@ -76,21 +94,46 @@ class Trainer:
         augment: bool = True,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        distributed: bool = False,
+        amp: bool = False,
+        channels_last: bool = True,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.amp = bool(amp) and cuda
+        self.channels_last = bool(channels_last) and cuda and data.train_x.dim() == 4
+        if amp and not cuda:
+            logger.info("amp is only used on CUDA; training in float32 on %s", self.device)
         self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.data = data
         self.epochs = epochs
         self.label_smoothing = label_smoothing
         self.generator = torch.Generator().manual_seed(seed)
-        self.loader = BatchLoader(
+        self.loader: BatchLoader | ShardedLoader = BatchLoader(
             data.train_x, data.train_y, data, batch_size, shuffle=True, augment=augment,
             drop_last=len(data.train_y) > batch_size, device=self.device, generator=self.generator,
         )
+        self.distributed = bool(distributed)
+        self.rank, self.world_size = 0, 1
+        self._net: nn.Module = self.model  # what the training forward pass calls
+        if self.distributed:
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "distributed=True needs an open process group (envs.distributed.init_distributed)"
+                )
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.loader = ShardedLoader(self.loader, self.rank, self.world_size)
+            self._net = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
+        self._check_every = _CUDA_CHECK_EVERY if cuda else 1
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay, nesterov=True
         )
@@ -98,7 +141,11 @@ class Trainer:
         warm = min(len(self.loader), max(1, steps // 10))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
+            lambda s: (
+                (s + 1) / warm
+                if s < warm
+                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+            ),
         )
         self.epoch = 0
         self.train_seconds = 0.0
@@ -142,16 +189,30 @@ class Trainer:
         """
         start = time.perf_counter()
         self.model.train()
-        total, correct, loss_sum = 0, 0, 0.0
+        # running sums stay on the device: no host sync per batch
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        nonfinite = torch.zeros((), device=self.device)
+        total = 0
         good = copy.deepcopy(self.model.state_dict())
         diverged = False
+        last = len(self.loader) - 1
         for i, (xb, yb) in enumerate(self.loader):
-            logits = self.model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=self.label_smoothing)
-            if not torch.isfinite(loss):
-                diverged = True
-                self._on_divergence(good, step=i)
-                break
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = self._net(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=self.label_smoothing)
+            finite = torch.isfinite(loss.detach())
+            nonfinite += (~finite).float()
+            if self._check_every == 1 or i % self._check_every == self._check_every - 1 or i == last:
+                # all ranks must agree, or one would stop while the others wait in the all-reduce
+                if self.distributed:
+                    all_reduce_sum(nonfinite)
+                if nonfinite.item() > 0:
+                    diverged = True
+                    self._on_divergence(good, step=i)
+                    break
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -160,23 +221,49 @@ class Trainer:
                 good = copy.deepcopy(self.model.state_dict())
             n = len(yb)
             total += n
-            loss_sum += loss.detach() * n
+            loss_sum += torch.where(finite, loss.detach(), 0.0) * n
             correct += (logits.detach().argmax(1) == yb).sum()
             if progress is not None:
                 progress(i, float(loss.detach()))
         self.epoch += 1
+        if self.distributed:
+            broadcast_buffers(self.model)  # batch-norm statistics of rank 0 everywhere: one model
+        val_correct, val_n = self._val_correct()
+        extra = torch.tensor([float(total), float(val_correct)], dtype=torch.float64, device=self.device)
+        sums = torch.cat([torch.stack([loss_sum.double(), correct.double()]), extra])
+        if self.distributed:
+            all_reduce_sum(sums)
+        loss_sum_f, correct_f, total_f, val_correct_f = sums.tolist()
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        val = evaluate_accuracy(self.model, self.data.val_x, self.data.val_y, self.data.normalize, device=self.device)
         return EpochStats(
             epoch=self.epoch,
-            train_loss=float(loss_sum) / max(1, total),
-            train_accuracy=float(correct) / max(1, total),
-            val_accuracy=val,
+            train_loss=loss_sum_f / max(1.0, total_f),
+            train_accuracy=correct_f / max(1.0, total_f),
+            val_accuracy=val_correct_f / max(1, val_n),
             learning_rate=self.optimizer.param_groups[0]["lr"],
             seconds=seconds,
             diverged=diverged,
         )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _val_correct(self) -> tuple[int, int]:
+        """Correct validation predictions of this rank's share (all of them when not distributed)."""
+        x, y = self.data.val_x, self.data.val_y
+        if self.distributed:  # each rank scores a contiguous slice; the counts are summed
+            x, y = x.tensor_split(self.world_size)[self.rank], y.tensor_split(self.world_size)[self.rank]
+        if len(y) == 0:
+            return 0, len(self.data.val_y)
+        normalize = self.data.normalize
+        if self.channels_last:
+            normalize = lambda u: self.data.normalize(u).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        with self._autocast():
+            acc = evaluate_accuracy(self.model, x, y, normalize, device=self.device)
+        return int(round(acc * len(y))), len(self.data.val_y)
 
     def _on_divergence(self, good: dict, step: int) -> None:
         self.model.load_state_dict(good)

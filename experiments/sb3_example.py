@@ -64,7 +64,11 @@ ALGOS: dict[str, tuple[str, str]] = {
 }
 
 #: Env kind -> registered id.
-ENV_IDS = {"prune": "RLPrune-Digits-v0", "patch": "PatchSelect-Digits-v0", "patch-mask": "PatchSelect-Digits-v0"}
+ENV_IDS = {
+    "prune": "RLPrune-Digits-v0",
+    "patch": "PatchSelect-Digits-v0",
+    "patch-mask": "PatchSelect-Digits-v0",
+}
 
 #: Keyword arguments that make each env tiny: a pruning episode is 3 cheap stages, a ViT epoch 5 steps.
 TINY_ENV_KWARGS: dict[str, dict[str, Any]] = {
@@ -110,8 +114,11 @@ class ExampleConfig:
     algos: tuple[str, ...] = arg(
         ("ppo", "rlpruner", "dqn", "ddqn"), help=f"algorithms to run, from {', '.join(ALGOS)}"
     )
-    env: str = arg("auto", help="env kind: auto (the algorithm's default), prune, patch, patch-mask",
-                   choices=("auto", "prune", "patch", "patch-mask"))
+    env: str = arg(
+        "auto",
+        help="env kind: auto (the algorithm's default), prune, patch, patch-mask",
+        choices=("auto", "prune", "patch", "patch-mask"),
+    )
     timesteps: int = arg(30, help="env steps per algorithm (a pruning stage or a ViT training step)")
     n_envs: int = arg(1, help="parallel env copies (not for rlpruner)")
     subproc: bool = arg(False, help="run the env copies in subprocesses (SubprocVecEnv)")
@@ -176,8 +183,16 @@ def run(
     if kind.startswith("patch"):
         # Timings differ between identical runs; they are what env/step_seconds shows, so keep them.
         env_kwargs.setdefault("info_timings", True)
-    callback = EnvInfoCallback(config={"algo": algo, "env_id": env_id, "env_kwargs": env_kwargs,
-                                       "algo_kwargs": algo_kwargs, "n_envs": n_envs, "seed": seed})
+    callback = EnvInfoCallback(
+        config={
+            "algo": algo,
+            "env_id": env_id,
+            "env_kwargs": env_kwargs,
+            "algo_kwargs": algo_kwargs,
+            "n_envs": n_envs,
+            "seed": seed,
+        }
+    )
     start = time.perf_counter()
     if n_envs == 1:
         # --- the three lines -------------------------------------------------------------------

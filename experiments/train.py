@@ -3,6 +3,13 @@
 Writes ``DIR/model.pt`` (best validation epoch, :func:`models.save_model`), ``DIR/summary.json``,
 ``DIR/config.json``, TensorBoard events and ``DIR/checkpoint.pt`` after every epoch, so Ctrl-C or a
 kill leaves a usable model and ``--resume`` finishes the run exactly as an uninterrupted one would.
+
+Data-parallel on N processes (DistributedDataParallel; ``gloo`` on CPU, ``nccl`` on GPU, one GPU per
+process)::
+
+    torchrun --nproc-per-node N -m experiments train --model vgg11 --dataset cifar10 --out runs/vgg11
+
+``--batch-size`` is the global batch, split between the ranks; rank 0 writes every output.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from envs.data import DATASETS, load_dataset
+from envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, main_first
 from envs.metrics import count_macs_params, evaluate_accuracy
 from envs.trainer import Trainer
 from experiments.common import (
@@ -55,7 +63,9 @@ class TrainConfig:
     train_size: int | None = arg(None, help="use at most this many training images")
     data_root: str | None = arg(None, help="folder of the torchvision datasets")
     download: bool = arg(False, help="download a missing torchvision dataset (needs internet)")
-    device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
+    device: str = arg("auto", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+    amp: bool = arg(False, help="bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = arg(True, help="channels_last memory format on CUDA (ignored on CPU)")
     seed: int = arg(0, help="random seed")
     force: bool = arg(False, help="overwrite an existing run folder")
     resume: bool = arg(False, help="continue the interrupted run in --out")
@@ -88,26 +98,47 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train, checkpoint every epoch, evaluate once on the test split; returns the summary."""
-    validate(cfg)
-    from models import create_model, load_model, save_model
+    """Train, checkpoint every epoch, evaluate once on the test split; returns the summary.
 
-    device = resolve_device(cfg.device)
+    Under ``torchrun`` every rank runs this function; rank 0 alone writes files.
+    """
+    validate(cfg)
+    dist_info = init_distributed(resolve_device(cfg.device))
+    try:
+        return _run(cfg, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+def _prepare(cfg: TrainConfig) -> Path:
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
-    ckpt_path = out / "checkpoint.pt"
     if cfg.resume:
         _check_resume(out, cfg)
     write_json(out / "config.json", cfg)
+    return out
+
+
+def _run(cfg: TrainConfig, dist_info: DistributedInfo) -> dict:
+    from models import create_model, load_model, save_model
+
+    device, main = dist_info.device, dist_info.is_main
+    if dist_info.enabled and cfg.batch_size < dist_info.world_size:
+        raise CliError(f"--batch-size {cfg.batch_size} is smaller than the {dist_info.world_size} processes")
+    out = main_first(lambda: _prepare(cfg))  # rank 0 makes the folder; a refusal ends every rank
+    ckpt_path = out / "checkpoint.pt"
     seed_everything(cfg.seed)
     data = load_dataset(
         cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
         train_size=cfg.train_size,
     )
-    model = create_model(cfg.model, num_classes=data.num_classes, width_mult=cfg.width_mult, in_chans=data.in_chans)
+    model = create_model(
+        cfg.model, num_classes=data.num_classes, width_mult=cfg.width_mult, in_chans=data.in_chans
+    )
     trainer = Trainer(
         model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
-        device=device, seed=cfg.seed,
+        device=device, seed=cfg.seed, distributed=dist_info.enabled, amp=cfg.amp,
+        channels_last=cfg.channels_last,
     )
     best = {"val_accuracy": -1.0, "epoch": 0}
     if cfg.resume and ckpt_path.exists():
@@ -115,45 +146,59 @@ def run(cfg: TrainConfig) -> dict:
         trainer.load_state_dict(state["trainer"])
         best = dict(state["best"])
         logger.info("resuming %s after epoch %d", out, trainer.epoch)
-    writer = SummaryWriter(str(out))
-    if trainer.epoch == 0:
+    # every rank trains (the epoch statistics are reduced, so all see the same); rank 0 writes
+    writer = SummaryWriter(str(out)) if main else None
+    if writer is not None and trainer.epoch == 0:
         writer.add_text("config", _config_markdown(cfg))
-    bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc=f"train {cfg.model}", disable=not cfg.progress)
+    show = cfg.progress and main
+    bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc=f"train {cfg.model}", disable=not show)
     try:
         while trainer.epoch < cfg.epochs:
             stats = trainer.train_epoch()
-            for key in ("train_loss", "train_accuracy", "val_accuracy", "learning_rate"):
-                writer.add_scalar(f"train/{key}", getattr(stats, key), stats.epoch)
             if stats.val_accuracy > best["val_accuracy"]:
                 best = {"val_accuracy": stats.val_accuracy, "epoch": stats.epoch}
-                save_model(trainer.model, out / "model.pt", dataset=cfg.dataset, val_accuracy=stats.val_accuracy)
-            atomic_torch_save({"trainer": trainer.state_dict(), "best": best}, ckpt_path)
+                if main:
+                    save_model(
+                        trainer.model, out / "model.pt", dataset=cfg.dataset, val_accuracy=stats.val_accuracy
+                    )
+            if writer is not None:
+                for key in ("train_loss", "train_accuracy", "val_accuracy", "learning_rate"):
+                    writer.add_scalar(f"train/{key}", getattr(stats, key), stats.epoch)
+                atomic_torch_save({"trainer": trainer.state_dict(), "best": best}, ckpt_path)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.train_loss:.3f}", val=f"{stats.val_accuracy:.3f}")
     finally:
         bar.close()
-        writer.flush()
-    model = load_model(out / "model.pt").to(device)
-    channels, size = data.in_chans, data.image_size
-    macs, params = count_macs_params(model, (1, channels, size, size))
-    summary = {
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "width_mult": cfg.width_mult,
-        "epochs": cfg.epochs,
-        "best_epoch": best["epoch"],
-        "val_accuracy": best["val_accuracy"],
-        "test_accuracy": evaluate_accuracy(model, data.test_x, data.test_y, data.normalize, device=device),
-        "macs": macs,
-        "params": params,
-        "train_seconds": trainer.train_seconds,
-        "divergence_events": trainer.divergence_events,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    writer.add_scalar("final/test_accuracy", summary["test_accuracy"], cfg.epochs)
-    writer.close()
-    write_json(out / "summary.json", summary)
-    return summary
+        if writer is not None:
+            writer.flush()
+
+    def finish() -> dict:
+        model = load_model(out / "model.pt").to(device)
+        channels, size = data.in_chans, data.image_size
+        macs, params = count_macs_params(model, (1, channels, size, size))
+        test_acc = evaluate_accuracy(model, data.test_x, data.test_y, data.normalize, device=device)
+        summary = {
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "width_mult": cfg.width_mult,
+            "epochs": cfg.epochs,
+            "best_epoch": best["epoch"],
+            "val_accuracy": best["val_accuracy"],
+            "test_accuracy": test_acc,
+            "macs": macs,
+            "params": params,
+            "train_seconds": trainer.train_seconds,
+            "divergence_events": trainer.divergence_events,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if dist_info.enabled:
+            summary["world_size"] = dist_info.world_size
+        writer.add_scalar("final/test_accuracy", summary["test_accuracy"], cfg.epochs)
+        writer.close()
+        write_json(out / "summary.json", summary)
+        return summary
+
+    return main_first(finish)  # the other ranks get rank 0's summary
 
 
 def _check_resume(out: Path, cfg: TrainConfig) -> None:

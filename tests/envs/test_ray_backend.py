@@ -14,8 +14,15 @@ HAS_RAY = importlib.util.find_spec("ray") is not None
 def _env() -> PruneEnv:
     data = load_dataset("synthetic", val_size=60, train_size=120, test_size=10, num_classes=4, image_size=16)
     env = PruneEnv(
-        model_name="vgg11", dataset="synthetic", data=data, pretrained=False, width_mult=0.125,
-        stage_sparsity=0.1, target_sparsity=0.5, calibration_size=16, batch_size=32,
+        model_name="vgg11",
+        dataset="synthetic",
+        data=data,
+        pretrained=False,
+        width_mult=0.125,
+        stage_sparsity=0.1,
+        target_sparsity=0.5,
+        calibration_size=16,
+        batch_size=32,
     )
     env.reset(seed=0)
     return env
