@@ -14,6 +14,7 @@ process)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class TrainConfig:
     model: str = arg(help="model name (see `keepgym train --list-models`), e.g. vgg11, resnet56")
     dataset: str = arg(help="dataset", choices=DATASETS)
     out: str = arg(help="run folder for model.pt, summary.json, config.json and TensorBoard events")
-    epochs: int = arg(30, help="training epochs")
+    epochs: int | None = arg(None, help="training epochs (default: 15 for digits/synthetic, 200 otherwise)")
     width_mult: float = arg(1.0, help="channel width multiplier (e.g. 0.25 for CPU-sized runs)")
     batch_size: int = arg(128, help="batch size")
     learning_rate: float = arg(0.05, help="peak SGD learning rate")
@@ -73,6 +74,11 @@ class TrainConfig:
 
 
 Config = TrainConfig
+
+
+def default_epochs(dataset: str) -> int:
+    """Epochs when ``--epochs`` is not given: small offline sets converge fast, CIFAR-size ones do not."""
+    return 15 if dataset in ("digits", "synthetic") else 200
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -102,6 +108,8 @@ def run(cfg: TrainConfig) -> dict:
 
     Under ``torchrun`` every rank runs this function; rank 0 alone writes files.
     """
+    if cfg.epochs is None:
+        cfg = dataclasses.replace(cfg, epochs=default_epochs(cfg.dataset))
     validate(cfg)
     dist_info = init_distributed(resolve_device(cfg.device))
     try:
