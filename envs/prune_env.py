@@ -682,7 +682,11 @@ class PruneEnv(gym.Env):
         _sync(self.device)
         surgery_s = time.perf_counter() - t0
         finetune_s, acc_before = 0.0, None
-        finetune: dict[str, Any] = {"finetune_steps_done": 0, "finetune_learning_rate": 0.0}
+        finetune: dict[str, Any] = {
+            "finetune_steps_done": 0,
+            "finetune_learning_rate": 0.0,
+            "finetune_diverged": False,
+        }
         if self.finetune_steps > 0:
             t1 = time.perf_counter()
             acc_before = _accuracy(self.model, *self._val, self.batch_size)
@@ -701,7 +705,7 @@ class PruneEnv(gym.Env):
                 device=self.device,
                 seed=int(self.np_random.integers(2**62)),
             )
-            finetune = {"finetune_steps_done": stats.steps, "finetune_learning_rate": finetune_lr}
+            finetune.update(finetune_steps_done=stats.steps, finetune_learning_rate=finetune_lr)
             if stats.diverged:
                 # distill restored the last good weights; the later stages of this episode fine-tune
                 # at a 10x lower learning rate (lowered once).
@@ -736,7 +740,6 @@ class PruneEnv(gym.Env):
             closed_form_macs=predicted[0],
             closed_form_params=predicted[1],
             accuracy_before_finetune=acc if acc_before is None else acc_before,
-            finetune_diverged=False,
             **finetune,
         )
         return self._obs(), reward, self._terminated, False, info

@@ -183,6 +183,40 @@ def _resize(
                 owner._buffers[attr] = torch.empty(tensor.shape, dtype=tensor.dtype, device=old.device)
 
 
+def _expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter / buffer shapes a standard layer's attributes imply (empty for other modules)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = tuple(module.kernel_size)
+        if module.transposed:
+            weight = (module.in_channels, module.out_channels // module.groups, *k)
+        else:
+            weight = (module.out_channels, module.in_channels // module.groups, *k)
+        return {"weight": weight, "bias": (module.out_channels,)}
+    if isinstance(module, nn.Linear):
+        return {"weight": (module.out_features, module.in_features), "bias": (module.out_features,)}
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        n = (module.num_features,)
+        return {"weight": n, "bias": n, "running_mean": n, "running_var": n}
+    if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        return {"weight": shape, "bias": shape}
+    if isinstance(module, nn.Embedding):
+        return {"weight": (module.num_embeddings, module.embedding_dim)}
+    return {}
+
+
+def _check_shapes(model: nn.Module, path: Path) -> None:
+    """Refuse weights whose shapes contradict their layer's saved widths (a corrupt or edited file)."""
+    for name, module in model.named_modules():
+        for attr, shape in _expected_shapes(module).items():
+            tensor = getattr(module, attr, None)
+            if isinstance(tensor, torch.Tensor) and tuple(tensor.shape) != tuple(shape):
+                raise ModelLoadError(
+                    f"{path}: {name}.{attr} has shape {tuple(tensor.shape)} "
+                    f"but the layer's saved widths imply {tuple(shape)}"
+                )
+
+
 def load_model_with_extra(
     path: str | os.PathLike, map_location: Any = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -219,6 +253,7 @@ def load_model_with_extra(
         raise ModelLoadError(
             f"{path}: weights do not match the rebuilt architecture: {first[:300]}"
         ) from None
+    _check_shapes(model, path)
     if state_dict:
         model.to(next(iter(state_dict.values())).device)
     return model, dict(payload.get("extra") or {})

@@ -120,6 +120,13 @@ def test_rlpruner_and_ppo_take_identical_calls_and_log_the_same_env_figures(tmp_
 def test_the_example_runs_every_algorithm_with_the_same_result_format(tmp_path):
     result = run("a2c", "prune", 6, logdir=str(tmp_path))
     assert result["timesteps"] >= 6 and len(result["episodes"]) == 2
-    assert set(result["final"]) == {"env", "timestep", "accuracy", "macs_ratio", "params_ratio", "sparsity",
-                                    "widths"}
+    assert set(result["final"]) == {
+        "env",
+        "timestep",
+        "accuracy",
+        "macs_ratio",
+        "params_ratio",
+        "sparsity",
+        "widths",
+    }
     assert (tmp_path / "a2c_prune_1").is_dir()

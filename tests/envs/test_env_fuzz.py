@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -359,7 +359,11 @@ def _actions(n: int, small_ints: tuple[int, int]) -> st.SearchStrategy:
             hnp.arrays(np.int64, shape),
             hnp.arrays(np.uint8, shape, elements=st.integers(0, 2)),
             hnp.arrays(np.bool_, shape),
-            hnp.arrays(np.complex128, shape, elements=st.one_of(st.complex_numbers(max_magnitude=2), st.just(complex(np.nan, 0)))),
+            hnp.arrays(
+                np.complex128,
+                shape,
+                elements=st.one_of(st.complex_numbers(max_magnitude=2), st.just(complex(np.nan, 0))),
+            ),
             hnp.arrays("U3", shape),
         )
     )
@@ -386,25 +390,43 @@ def _actions(n: int, small_ints: tuple[int, int]) -> st.SearchStrategy:
         st.lists(st.lists(st.integers(0, 1), max_size=3), max_size=3),  # nested, often ragged
         st.sampled_from([np.int64(1), np.float32(2.0), np.uint8(0), np.array([3]), np.array([[1]])]),
     )
-    return st.one_of(arrays, lists, scalars)
+    # right shape, mostly valid values, now and then one NaN/inf/negative: the border of the space
+    near_valid = st.one_of(
+        hnp.arrays(np.float64, (n,), elements=st.floats(0, 1e30)),
+        hnp.arrays(
+            np.float64, (n,), elements=st.one_of(st.floats(0, 1), st.floats(0, 1), st.sampled_from(SPECIAL))
+        ),
+        hnp.arrays(np.float32, (n,), elements=st.one_of(st.integers(lo, hi).map(float), st.just(np.nan))),
+        hnp.arrays(
+            st.sampled_from([np.int64, np.uint8, np.int8]), (n,), elements=st.integers(max(lo, 0), hi)
+        ),
+    )
+    return st.one_of(near_valid, arrays, lists, scalars)
 
 
 @FUZZ
 @given(data=st.data())
 def test_prune_env_random_actions(prune_env, data):
-    check_prune_action(prune_env, data.draw(_actions(prune_env.num_groups, (-2, 3)), label="action"))
+    accepted = check_prune_action(
+        prune_env, data.draw(_actions(prune_env.num_groups, (-2, 3)), label="action")
+    )
+    event("accepted" if accepted else "rejected")
 
 
 @FUZZ
 @given(data=st.data())
 def test_patch_select_ratio_random_actions(ratio_env, data):
-    check_patch_action(ratio_env, data.draw(_actions(ratio_env.num_patches, (-1, 6)), label="action"))
+    accepted = check_patch_action(
+        ratio_env, data.draw(_actions(ratio_env.num_patches, (-1, 6)), label="action")
+    )
+    event("accepted" if accepted else "rejected")
 
 
 @FUZZ
 @given(data=st.data())
 def test_patch_select_mask_random_actions(mask_env, data):
-    check_patch_action(mask_env, data.draw(_actions(mask_env.num_patches, (0, 1)), label="action"))
+    accepted = check_patch_action(mask_env, data.draw(_actions(mask_env.num_patches, (0, 1)), label="action"))
+    event("accepted" if accepted else "rejected")
 
 
 def test_evaluate_many_checks_every_action_first(prune_env):
