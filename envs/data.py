@@ -125,9 +125,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[train], y[train], x[test], y[test]
 
 
-def _synthetic(
-    n: int, num_classes: int, size: int, chans: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _synthetic(n: int, num_classes: int, size: int, chans: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Procedural images: a class-specific shape at a class-specific place in clutter.
 
     The class decides the object's shape (square, disc, cross, ring, bar) and its quadrant, so

@@ -116,8 +116,15 @@ class Trainer:
         self.label_smoothing = label_smoothing
         self.generator = torch.Generator().manual_seed(seed)
         self.loader: BatchLoader | ShardedLoader = BatchLoader(
-            data.train_x, data.train_y, data, batch_size, shuffle=True, augment=augment,
-            drop_last=len(data.train_y) > batch_size, device=self.device, generator=self.generator,
+            data.train_x,
+            data.train_y,
+            data,
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            drop_last=len(data.train_y) > batch_size,
+            device=self.device,
+            generator=self.generator,
         )
         self.distributed = bool(distributed)
         self.rank, self.world_size = 0, 1
@@ -127,9 +134,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             if not (dist.is_available() and dist.is_initialized()):
-                raise RuntimeError(
-                    "distributed=True needs an open process group (envs.distributed.init_distributed)"
-                )
+                raise RuntimeError("distributed=True needs an open process group (envs.distributed.init_distributed)")
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
             self.loader = ShardedLoader(self.loader, self.rank, self.world_size)
             self._net = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
@@ -141,11 +146,7 @@ class Trainer:
         warm = min(len(self.loader), max(1, steps // 10))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda s: (
-                (s + 1) / warm
-                if s < warm
-                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-            ),
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))),
         )
         self.epoch = 0
         self.train_seconds = 0.0
@@ -207,9 +208,8 @@ class Trainer:
             nonfinite += (~finite).float()
             if self._check_every == 1 or i % self._check_every == self._check_every - 1 or i == last:
                 # all ranks must agree, or one would stop while the others wait in the all-reduce
-                if self.distributed:
-                    all_reduce_sum(nonfinite)
-                if nonfinite.item() > 0:
+                flag = all_reduce_sum(nonfinite.clone()) if self.distributed else nonfinite
+                if flag.item() > 0:
                     diverged = True
                     self._on_divergence(good, step=i)
                     break

@@ -122,15 +122,19 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
     """``PruneEnv.evaluate`` on VGG-19 (width 1.0, 1,000 validation images; quick: width 0.25, 200)."""
     import numpy as np
 
-    from envs.prune_env import PruneEnv, profile_evaluate
-
     from envs.data import load_dataset
+    from envs.prune_env import PruneEnv, profile_evaluate
 
     width, images = (0.25, 200) if quick else (1.0, 1000)
     data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
     env = PruneEnv(
-        model_name="vgg19", dataset="synthetic", data=data, pretrained=False, width_mult=width,
-        calibration_size=128, device=device,
+        model_name="vgg19",
+        dataset="synthetic",
+        data=data,
+        pretrained=False,
+        width_mult=width,
+        calibration_size=128,
+        device=device,
     )
     env.reset(seed=0)
     action = np.ones(env.action_space.shape, dtype=np.float32)
@@ -172,8 +176,15 @@ def _bench_prune(device: str, quick: bool, repeats: int) -> dict:
     width, images = (0.25, 200) if quick else (1.0, 1000)
     data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
     env = PruneEnv(
-        model_name="vgg19", dataset="synthetic", data=data, pretrained=False, width_mult=width,
-        target_sparsity=0.6, stage_sparsity=0.01, calibration_size=128, device=device,
+        model_name="vgg19",
+        dataset="synthetic",
+        data=data,
+        pretrained=False,
+        width_mult=width,
+        target_sparsity=0.6,
+        stage_sparsity=0.01,
+        calibration_size=128,
+        device=device,
     )
     agent = RLPruner("MlpPolicy", env, sample_num=2, rounds_per_stage=2, seed=0)
     t = time.perf_counter()

@@ -62,8 +62,14 @@ Config = DemoConfig
 
 def _quick(cfg: DemoConfig) -> DemoConfig:
     return dataclasses.replace(
-        cfg, cnn_epochs=1, stage_sparsity=0.25, sample_num=2, rounds_per_stage=1, finetune_epochs=0,
-        final_finetune_epochs=1, vit_epochs=2,
+        cfg,
+        cnn_epochs=1,
+        stage_sparsity=0.25,
+        sample_num=2,
+        rounds_per_stage=1,
+        finetune_epochs=0,
+        final_finetune_epochs=1,
+        vit_epochs=2,
     )
 
 
@@ -92,8 +98,15 @@ def _train_baseline(cfg: DemoConfig, out: Path) -> dict:
 
     return train(
         TrainConfig(
-            model="vgg11", dataset="digits", width_mult=0.25, epochs=cfg.cnn_epochs, out=str(out / "baseline"),
-            seed=cfg.seed, device=cfg.device, force=True, progress=cfg.progress,
+            model="vgg11",
+            dataset="digits",
+            width_mult=0.25,
+            epochs=cfg.cnn_epochs,
+            out=str(out / "baseline"),
+            seed=cfg.seed,
+            device=cfg.device,
+            force=True,
+            progress=cfg.progress,
             train_size=300 if cfg.quick else None,
         )
     )
@@ -104,11 +117,22 @@ def _compress(cfg: DemoConfig, out: Path, algo: str) -> dict:
 
     return compress(
         PruneConfig(
-            sparsity=cfg.sparsity, model="vgg11", dataset="digits", width_mult=0.25,
-            checkpoint=str(out / "baseline" / "model.pt"), out=str(out / f"prune_{algo}"), algo=algo,
-            stage_sparsity=cfg.stage_sparsity, sample_num=cfg.sample_num, rounds_per_stage=cfg.rounds_per_stage,
-            finetune_epochs=cfg.finetune_epochs, final_finetune_epochs=cfg.final_finetune_epochs,
-            latency_repeats=3 if cfg.quick else 20, seed=cfg.seed, device=cfg.device, force=True,
+            sparsity=cfg.sparsity,
+            model="vgg11",
+            dataset="digits",
+            width_mult=0.25,
+            checkpoint=str(out / "baseline" / "model.pt"),
+            out=str(out / f"prune_{algo}"),
+            algo=algo,
+            stage_sparsity=cfg.stage_sparsity,
+            sample_num=cfg.sample_num,
+            rounds_per_stage=cfg.rounds_per_stage,
+            finetune_epochs=cfg.finetune_epochs,
+            final_finetune_epochs=cfg.final_finetune_epochs,
+            latency_repeats=3 if cfg.quick else 20,
+            seed=cfg.seed,
+            device=cfg.device,
+            force=True,
             progress=cfg.progress,
         )
     )
@@ -119,9 +143,19 @@ def _agentvit(cfg: DemoConfig, out: Path) -> dict:
 
     return train_agentvit(
         AgentViTConfig(
-            dataset="digits", out=str(out / "agentvit"), epochs=cfg.vit_epochs, preset="vit_tiny" if cfg.quick else "vit_small",
-            batch_size=64, augment=False, baseline=True, seed=cfg.seed, device=cfg.device, force=True,
-            progress=cfg.progress, train_size=300 if cfg.quick else None, test_size=100 if cfg.quick else None,
+            dataset="digits",
+            out=str(out / "agentvit"),
+            epochs=cfg.vit_epochs,
+            preset="vit_tiny" if cfg.quick else "vit_small",
+            batch_size=64,
+            augment=False,
+            baseline=True,
+            seed=cfg.seed,
+            device=cfg.device,
+            force=True,
+            progress=cfg.progress,
+            train_size=300 if cfg.quick else None,
+            test_size=100 if cfg.quick else None,
             speed_rounds=1 if cfg.quick else 3,
         )
     )
@@ -154,11 +188,21 @@ def _accuracy_vs_macs(prune: dict, vit: dict, path: Path, run_id: str) -> None:
     ax1.set_ylabel("test accuracy (%)")
     ax1.set_title(f"VGG-11 (w 0.25) on digits, {int(100 * prune['rlpruner']['sparsity_target'])} % channels removed")
     ax1.legend()
-    for (name, c, m) in (("full", "black", "*"), ("agent", "tab:red", "o"), ("random", "tab:blue", "s"),
-                         ("topk", "tab:green", "^")):
+    for name, c, m in (
+        ("full", "black", "*"),
+        ("agent", "tab:red", "o"),
+        ("random", "tab:blue", "s"),
+        ("topk", "tab:green", "^"),
+    ):
         b = vit[name]
-        ax2.scatter(b["macs_per_image"] / 1e6, 100 * b["test_accuracy"], s=70, color=c, marker=m,
-                    label=f"{name} ({b['kept_patches']:.1f} patches)")
+        ax2.scatter(
+            b["macs_per_image"] / 1e6,
+            100 * b["test_accuracy"],
+            s=70,
+            color=c,
+            marker=m,
+            label=f"{name} ({b['kept_patches']:.1f} patches)",
+        )
     ax2.set_xlabel("MACs per image (M)")
     ax2.set_ylabel("test accuracy (%)")
     ax2.set_title("ViT on digits: patch selection")
@@ -266,13 +310,18 @@ def run(cfg: DemoConfig) -> dict:
     total = time.perf_counter() - start
     report = _report(cfg, run_id, prune_table, vit_table, prune, vit, total, [policy, acc_macs, patches], out)
     (out / "report.md").write_text(report)
-    summary = {"run_id": run_id, "wall_seconds": total, "timings": timings, "baseline": base, "prune": prune,
-               "agentvit": vit}
+    summary = {
+        "run_id": run_id,
+        "wall_seconds": total,
+        "timings": timings,
+        "baseline": base,
+        "prune": prune,
+        "agentvit": vit,
+    }
     write_json(out / "summary.json", summary)
     _say("\nRL-Pruner on digits (VGG-11, width 0.25):\n" + prune_table)
     _say("AgentViT on digits:\n" + vit_table)
-    _say(f"demo finished in {total / 60:.1f} min; report: {out / 'report.md'}; "
-         f"TensorBoard: tensorboard --logdir {out}")
+    _say(f"demo finished in {total / 60:.1f} min; report: {out / 'report.md'}; TensorBoard: tensorboard --logdir {out}")
     return summary
 
 

@@ -136,16 +136,27 @@ def _run(cfg: TrainConfig, dist_info: DistributedInfo) -> dict:
     ckpt_path = out / "checkpoint.pt"
     seed_everything(cfg.seed)
     data = load_dataset(
-        cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
+        cfg.dataset,
+        cfg.data_root,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+        download=cfg.download,
         train_size=cfg.train_size,
     )
-    model = create_model(
-        cfg.model, num_classes=data.num_classes, width_mult=cfg.width_mult, in_chans=data.in_chans
-    )
+    model = create_model(cfg.model, num_classes=data.num_classes, width_mult=cfg.width_mult, in_chans=data.in_chans)
     trainer = Trainer(
-        model, data, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        momentum=cfg.momentum, weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
-        device=device, seed=cfg.seed, distributed=dist_info.enabled, amp=cfg.amp,
+        model,
+        data,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+        device=device,
+        seed=cfg.seed,
+        distributed=dist_info.enabled,
+        amp=cfg.amp,
         channels_last=cfg.channels_last,
     )
     best = {"val_accuracy": -1.0, "epoch": 0}
@@ -166,9 +177,7 @@ def _run(cfg: TrainConfig, dist_info: DistributedInfo) -> dict:
             if stats.val_accuracy > best["val_accuracy"]:
                 best = {"val_accuracy": stats.val_accuracy, "epoch": stats.epoch}
                 if main:
-                    save_model(
-                        trainer.model, out / "model.pt", dataset=cfg.dataset, val_accuracy=stats.val_accuracy
-                    )
+                    save_model(trainer.model, out / "model.pt", dataset=cfg.dataset, val_accuracy=stats.val_accuracy)
             if writer is not None:
                 for key in ("train_loss", "train_accuracy", "val_accuracy", "learning_rate"):
                     writer.add_scalar(f"train/{key}", getattr(stats, key), stats.epoch)

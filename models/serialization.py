@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FORMAT", "VERSION", "ModelLoadError", "load_model", "load_model_with_extra", "save_model"]
+__all__ = ["FORMAT", "VERSION", "ModelLoadError", "atomic_save", "load_model", "load_model_with_extra", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,30 @@ def _widths(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: {"type": type(m).__name__, "attrs": _module_attrs(m)} for name, m in model.named_modules()}
 
 
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename.
+
+    A crash or kill at any moment leaves either the old file or the new one, never half a file. The
+    file gets the usual permissions (``0666`` minus the umask; ``mkstemp`` alone would make it 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any) -> Path:
     """Save ``model`` (possibly pruned) atomically as a keepgym model file.
 
@@ -101,18 +125,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any)
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "extra": dict(extra_metadata),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = atomic_save(payload, path)
     logger.debug("saved %s (%s) to %s", spec["name"], type(model).__name__, path)
     return path
 

@@ -61,8 +61,11 @@ def test_loader_batches_normalised_and_augmented():
     assert xb.dtype == torch.float32 and xb.shape == (64, 3, 32, 32) and yb.shape == (64,)
     assert abs(float(xb.mean())) < 2.0
     # same generator seed -> same batches
-    again = list(BatchLoader(d.train_x, d.train_y, d, 64, augment=True, drop_last=True,
-                             generator=torch.Generator().manual_seed(0)))
+    again = list(
+        BatchLoader(
+            d.train_x, d.train_y, d, 64, augment=True, drop_last=True, generator=torch.Generator().manual_seed(0)
+        )
+    )
     assert torch.equal(again[0][0], xb)
 
 

@@ -19,8 +19,16 @@ def test_quick_demo_report(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["run_id"] == run_id
     assert "## RL-Pruner" in report and "## AgentViT" in report
     # one table per method, with every compared method as a row
-    for row in ("| baseline (unpruned) |", "| rlpruner |", "| uniform |", "| global |",
-                "| full-patch ViT", "| AgentViT: agent's patches |", "random-k", "attention top-k"):
+    for row in (
+        "| baseline (unpruned) |",
+        "| rlpruner |",
+        "| uniform |",
+        "| global |",
+        "| full-patch ViT",
+        "| AgentViT: agent's patches |",
+        "random-k",
+        "attention top-k",
+    ):
         assert row in report, row
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(figures) == 3

@@ -7,7 +7,6 @@ import torch
 
 from envs.data import load_dataset
 from envs.trainer import Trainer
-from experiments import train as train_mod
 from experiments.cli import main
 from models import create_model, load_model
 
