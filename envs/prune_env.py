@@ -239,10 +239,11 @@ class PruneEnv(gym.Env):
       :func:`envs.data.load_dataset` (split seed 0, as ``keepgym train`` uses, so the validation
       images were never trained on). ``eval_size``: score on this many validation images (a
       seeded subset; None = all).
-    * ``checkpoint``: a ``models.save_model`` file. Without it and with ``pretrained=True`` the
-      baseline is read from :func:`default_checkpoint_path`; for ``digits``/``synthetic`` it is
-      trained (``baseline_epochs``) and cached there on first use, for other datasets a
-      ``FileNotFoundError`` prints the ``keepgym train`` command that makes it.
+    * ``checkpoint``: a ``models.save_model`` file of ``model_name`` (another model is a
+      ``ValueError``; unreadable or foreign files raise ``models.ModelLoadError``). Without it and
+      with ``pretrained=True`` the baseline is read from :func:`default_checkpoint_path`; for
+      ``digits``/``synthetic`` it is trained (``baseline_epochs``) and cached there on first use, for
+      other datasets a ``FileNotFoundError`` prints the ``keepgym train`` command that makes it.
       ``pretrained=False``: a randomly initialised model (smoke tests only).
     * ``width_mult``: channel multiplier of the model (tiny models for tests).
     * ``target_sparsity`` (0.6), ``stage_sparsity`` (0.05): fractions of ``N0``.
@@ -465,7 +466,14 @@ class PruneEnv(gym.Env):
             path = Path(checkpoint).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist")
-            return models.load_model(path, map_location="cpu")
+            loaded = models.load_model(path, map_location="cpu")
+            saved_name = getattr(loaded, "keepgym_spec", {}).get("name")
+            if saved_name != model_name:
+                raise ValueError(
+                    f"checkpoint {path} holds a {saved_name}, not a {model_name}; "
+                    f"give the matching model name or the right file"
+                )
+            return loaded
         data = self.data
         if not pretrained:
             # fixed init seed, so two envs built alike are identical

@@ -126,6 +126,8 @@ class PruneConfig:
     eval_size: int | None = arg(None, help="score candidates on this many validation images (default: all)")
     backend: str = arg("serial", help=f"candidate evaluation backend: {', '.join(BACKENDS)}")
     workers: int = arg(1, help="candidate evaluation workers (process/ray backends)")
+    ray_address: str | None = arg(None, help="--backend ray: cluster address for ray.init (default: local Ray)")
+    ray_gpus_per_worker: float = arg(0.0, help="--backend ray: GPUs per evaluator actor (0.25: four per GPU)")
     episodes: int = arg(1, help="ppo/sac/a2c: training episodes (the best one on validation is kept)")
     latency_repeats: int = arg(20, help="timed passes per latency figure (0: skip latency)")
     latency_threads: int | None = arg(
@@ -190,7 +192,10 @@ def validate(cfg: PruneConfig) -> None:
             cfg.final_finetune_epochs >= 0,
             f"--final-finetune-epochs must be >= 0, got {cfg.final_finetune_epochs}",
         ),
-        (cfg.kd_learning_rate > 0, f"--kd-learning-rate must be > 0, got {cfg.kd_learning_rate}"),
+        (
+            cfg.kd_learning_rate > 0 and math.isfinite(cfg.kd_learning_rate),
+            f"--kd-learning-rate must be > 0 and finite, got {cfg.kd_learning_rate}",
+        ),
         (cfg.kd_batch_size >= 1, f"--kd-batch-size must be >= 1, got {cfg.kd_batch_size}"),
         (cfg.width_mult is None or cfg.width_mult > 0, f"--width-mult must be > 0, got {cfg.width_mult}"),
         (math.isfinite(cfg.alpha) and cfg.alpha >= 0, f"--alpha must be >= 0, got {cfg.alpha}"),
@@ -265,6 +270,13 @@ def _make_env(cfg: PruneConfig, device: str) -> gym.Env:
             env = prune_env.PruneEnv(**kwargs)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(" ".join(str(err).split())) from None
+    if cfg.backend == "ray":
+        try:
+            from envs.ray_backend import register_ray_backend
+
+            register_ray_backend(cfg.ray_address, cfg.workers, num_gpus=cfg.ray_gpus_per_worker)
+        except ImportError as err:
+            raise CliError(f"--backend ray: {err}") from None
     if cfg.backend != "serial":
         if cfg.backend not in prune_env._EVALUATE_BACKENDS:
             raise CliError(
@@ -738,7 +750,7 @@ def _check_resume(out: Path, cfg: PruneConfig) -> None:
     if not path.exists():
         raise CliError(f"--resume: {out} has no config.json")
     saved = json.loads(path.read_text())
-    ignore = {"resume", "force", "progress", "device", "out", "latency_repeats"}
+    ignore = {"resume", "force", "progress", "device", "out", "latency_repeats", "ray_address"}
     diff = [k for k, v in saved.items() if k not in ignore and getattr(cfg, k, v) != v]
     if diff:
         raise CliError(f"--resume: settings differ from the saved run in {', '.join(sorted(diff))}")
@@ -806,15 +818,17 @@ def compress(config: PruneConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(
             cfg, out=str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}"))
         )
+    clock = _Clock()
+    seed_everything(cfg.seed)
+    # The env first: it reads the checkpoint and the data, so a bad or foreign model file, a missing
+    # dataset or a model that does not fit it is refused before a run folder exists.
+    env = _make_env(cfg, device)
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)
         _remove_partial_checkpoints(out)
     else:
         write_json(out / "config.json", cfg)
-    clock = _Clock()
-    seed_everything(cfg.seed)
-    env = _make_env(cfg, device)
     raw = env.unwrapped
     data = _env_data(raw)
     num_stages = int(raw.num_stages)
