@@ -711,9 +711,17 @@ def _load_data(cfg: AgentViTConfig) -> DatasetSplits:
 
 
 def _rng_states(agent: Any) -> dict[str, Any]:
+    # Plain values and tensors only, so state.pt loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
         "action_space": copy.deepcopy(agent.action_space.np_random.bit_generator.state),
     }
@@ -721,7 +729,8 @@ def _rng_states(agent: Any) -> dict[str, Any]:
 
 def _set_rng_states(agent: Any, states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(states["python"])
     agent.action_space.np_random.bit_generator.state = states["action_space"]
 
@@ -878,7 +887,7 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
     ckpt_dir = out / "checkpoint"
     state = None
     if cfg.resume and (ckpt_dir / "state.pt").exists():
-        state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
+        state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
         logger.info("resuming %s after epoch %d", out, state["epoch"])
 
     bar = tqdm(total=total_vit_steps, desc=f"agentvit {cfg.dataset} {cfg.algo}", disable=not cfg.progress)
@@ -918,7 +927,7 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
                 log_interval=1,
             )
             _save_checkpoint(ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
-            state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=False)
+            state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
     except _Stop:
         return None
     finally:

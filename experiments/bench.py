@@ -11,6 +11,8 @@ machine description, the command line that produced it and the raw timings.
 * ``vit``: ViT training step time and inference images/s at keep 100/75/50/25 %.
 * ``prune``: wall time of one stage search (K x E candidates) on a full-width model.
 * ``agentvit``: joint ViT + agent training vs full-patch ViT training, per step.
+* ``ray`` (not in ``all``; needs ``pip install -e .[ray]``): a stage's candidate search, serial vs a
+  2-worker Ray ``ActorPool``.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ logger = logging.getLogger(__name__)
 COMMAND = "bench"
 DESCRIPTION = "Run speed benchmarks (data, prune-step, vit, prune, agentvit, all) and write JSON."
 BENCHMARKS = ("data", "prune-step", "vit", "prune", "agentvit")
+EXTRA_BENCHMARKS = ("ray",)  # needs the optional Ray extra; not part of "all"
 
 
 @dataclass
 class BenchConfig:
     """Settings of ``keepgym bench``."""
 
-    which: str = arg("all", help="benchmark to run", choices=(*BENCHMARKS, "all"))
+    which: str = arg("all", help="benchmark to run", choices=(*BENCHMARKS, *EXTRA_BENCHMARKS, "all"))
     out: str = arg("bench", help="folder for the JSON files")
     device: str = arg("cpu", help="cpu, cuda or auto")
     quick: bool = arg(False, help="smaller sizes (for tests and a first look)")
@@ -52,7 +55,9 @@ Config = BenchConfig
 
 def add_arguments(parser) -> None:
     """``keepgym bench [WHICH] --out DIR``: WHICH is positional, as in the README."""
-    parser.add_argument("which", nargs="?", default="all", choices=(*BENCHMARKS, "all"), help="benchmark to run")
+    parser.add_argument(
+        "which", nargs="?", default="all", choices=(*BENCHMARKS, *EXTRA_BENCHMARKS, "all"), help="benchmark to run"
+    )
     parser.add_argument("--out", default="bench", help="folder for the JSON files (default: bench)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for tests and a first look)")
@@ -79,7 +84,7 @@ def bench_data(device: str = "cpu", quick: bool = False, repeats: int = 5) -> di
     from envs.data import BatchLoader, load_dataset
     from models import create_model
 
-    n = 1024 if quick else 4096
+    n = 512 if quick else 4096
     data = load_dataset("synthetic", train_size=n + n // 8, val_size=n // 8)
     loader = BatchLoader(data.train_x, data.train_y, data, 128, augment=True, drop_last=True, device=device)
     model = create_model("vgg11", num_classes=data.num_classes, width_mult=0.25).to(device)
@@ -214,7 +219,16 @@ def _bench_agentvit(device: str, quick: bool, repeats: int) -> dict:
     return benchmark_agentvit(device=device, quick=quick)
 
 
+def _bench_ray(device: str, quick: bool, repeats: int) -> dict:
+    try:
+        from envs.ray_backend import benchmark_ray_search
+    except ImportError as err:
+        raise CliError(f"{err}; install the extra with: pip install -e .[ray]") from None
+    return {"benchmark": "ray", **benchmark_ray_search(workers=2, candidates=8 if quick else 20, quick=quick)}
+
+
 _RUNNERS = {
+    "ray": _bench_ray,
     "data": lambda d, q, r: bench_data(d, q, r),
     "prune-step": _bench_prune_step,
     "vit": _bench_vit,
