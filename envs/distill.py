@@ -9,6 +9,12 @@ distillation loss::
 with T = 2 and kd_weight = 0.75, SGD (lr 1e-3, momentum 0.9, weight decay 5e-4) and a cosine decay.
 Unlike the reference code there is no warm-up that can zero the learning rate for short runs, and a
 NaN/inf guard stops the run and restores the last good weights instead of propagating garbage.
+
+Under ``torchrun`` (``distributed=True``) the student is wrapped in ``DistributedDataParallel``: all
+ranks draw the same seeded global batch, each distils on its contiguous slice of it
+(:class:`envs.distributed.ShardedLoader`) and the gradients are averaged over the ranks. The guard
+looks at the loss summed over the ranks, so every rank stops at the same step, and rank 0's batch-norm
+statistics are copied to every rank at the end: all ranks leave with the same student.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from envs.data import BatchLoader, DatasetSplits
+from envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
 
 __all__ = ["DistillStats", "distill", "kd_loss"]
 
@@ -83,8 +90,12 @@ def _batches(
     device: torch.device,
     generator: torch.Generator | None,
     augment: bool,
+    distributed: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless stream of (x, y) batches: a train-split loader or a re-iterated iterable."""
+    """Endless stream of (x, y) batches: a train-split loader or a re-iterated iterable.
+
+    With ``distributed``, a dataset's global batches are split between the ranks (this rank's slice).
+    """
     if isinstance(source, DatasetSplits):
         drop_last = len(source.train_y) > batch_size
         source = BatchLoader(
@@ -98,6 +109,10 @@ def _batches(
             device=device,
             generator=generator,
         )
+        if distributed:
+            import torch.distributed as dist
+
+            source = ShardedLoader(source, dist.get_rank(), dist.get_world_size())
     while True:
         empty = True
         for x, y in source:
@@ -124,6 +139,7 @@ def distill(
     device: str | torch.device | None = None,
     seed: int | None = None,
     guard_interval: int = 50,
+    distributed: bool = False,
 ) -> DistillStats:
     """Fine-tune ``student`` for ``steps`` SGD steps with the distillation loss, in place.
 
@@ -146,6 +162,9 @@ def distill(
         seed: seeds batch order, augmentation and dropout (the global torch RNG is forked, so the
             caller's random state is left alone); None uses the current global state.
         guard_interval: keep a copy of the weights every this many good steps for the NaN guard.
+        distributed: data-parallel over the open process group (see the module docstring); every
+            rank calls with the same arguments, ``loader_or_data`` must then be a dataset and
+            ``batch_size`` is the global batch. ``mean_loss``/``last_loss`` are global-batch means.
 
     Returns:
         :class:`DistillStats`.
@@ -163,6 +182,8 @@ def distill(
         raise ValueError("learning_rate must be > 0 and min_learning_rate >= 0")
     if guard_interval < 1:
         raise ValueError(f"guard_interval must be >= 1, got {guard_interval}")
+    if distributed and not isinstance(loader_or_data, DatasetSplits):
+        raise ValueError("distributed=True needs a DatasetSplits (its global batches are split between ranks)")
     start = time.perf_counter()
     if steps == 0:
         return DistillStats(0, math.nan, math.nan, learning_rate, False, None, 0.0)
@@ -190,6 +211,7 @@ def distill(
             generator,
             guard_interval,
             start,
+            distributed,
         )
 
 
@@ -210,13 +232,23 @@ def _run(
     generator,
     guard_interval,
     start,
+    distributed=False,
 ) -> DistillStats:
     optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     good_state = copy.deepcopy(student.state_dict())
     good_step = 0
     teacher.eval()
     student.train()
-    batches = _batches(source, batch_size, device, generator, augment)
+    batches = _batches(source, batch_size, device, generator, augment, distributed)
+    net = student  # what the training forward pass calls
+    world = 1
+    if distributed:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        world = dist.get_world_size()
+        # DDP copies rank 0's weights to every rank here and averages the gradients in backward()
+        net = DistributedDataParallel(student, device_ids=[device.index or 0] if device.type == "cuda" else None)
     total, last, done, current_lr = 0.0, math.nan, 0, lr
     diverged = False
     try:
@@ -229,14 +261,16 @@ def _run(
             x, y = next(batches)
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss = kd_loss(student(x), t_logits, y, temperature, kd_weight)
-            if not torch.isfinite(loss):
+            loss = kd_loss(net(x), t_logits, y, temperature, kd_weight)
+            # the global-batch loss: every rank takes the same NaN decision (no rank left waiting)
+            global_loss = all_reduce_sum(loss.detach().clone()) / world if distributed else loss.detach()
+            if not torch.isfinite(global_loss):
                 diverged = True
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = float(loss.detach())
+            value = float(global_loss)
             total += value
             last = value
             done = step + 1
@@ -252,6 +286,9 @@ def _run(
     finally:
         optimizer.zero_grad(set_to_none=True)
         student.eval()
+        del net  # drop DDP's gradient hooks: later backward passes (Taylor importance) stay local
+    if distributed:
+        broadcast_buffers(student)  # each rank's BN statistics saw only its slice; keep rank 0's
     if diverged:
         student.load_state_dict(good_state)
         logger.warning(

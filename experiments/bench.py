@@ -245,6 +245,8 @@ def run(cfg: BenchConfig) -> dict:
         raise CliError(f"--repeats must be >= 1, got {cfg.repeats}")
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     names = BENCHMARKS if cfg.which == "all" else (cfg.which,)
     results = {}

@@ -11,10 +11,12 @@ The pattern (identical for ``PPO``, ``SAC``, ``A2C`` and ``agents.RLPruner`` on 
 
     env = gym.make("RLPrune-Digits-v0", target_sparsity=0.5)
     model = PPO("MlpPolicy", env, tensorboard_log="runs/")
-    model.learn(total_timesteps=100, callback=EnvInfoCallback())
+    model.learn(total_timesteps=100, callback=EnvInfoCallback(), log_interval=1)
 
-then ``tensorboard --logdir runs``: SB3's ``rollout/ep_rew_mean`` and ``train/*``, and the env's
-``env/accuracy``, ``env/macs_ratio``, ``env/group_sparsity`` (histogram and image), ``env/kept``,
+``log_interval=1`` because an env step is a pruning stage or a ViT training step, so runs are short
+in steps; SB3 would otherwise dump ``rollout/*`` and ``train/*`` only every 100 rollouts (A2C) or 4
+episodes (SAC, DQN). Then ``tensorboard --logdir runs``: SB3's ``rollout/ep_rew_mean`` and ``train/*``,
+and the env's ``env/accuracy``, ``env/macs_ratio``, ``env/group_sparsity`` (histogram and image), ``env/kept``,
 ``env/step_seconds`` ... and the run's config as text (see :mod:`agents.callbacks`).
 
 Run it (tiny by default: a randomly initialised 1/8-width VGG-11 and a 2-block ViT on ``digits``, a few
@@ -111,9 +113,7 @@ TINY_ALGO_KWARGS: dict[str, dict[str, Any]] = {
 class ExampleConfig:
     """Settings of the example (one flag per field)."""
 
-    algos: tuple[str, ...] = arg(
-        ("ppo", "rlpruner", "dqn", "ddqn"), help=f"algorithms to run, from {', '.join(ALGOS)}"
-    )
+    algos: tuple[str, ...] = arg(("ppo", "rlpruner", "dqn", "ddqn"), help=f"algorithms to run, from {', '.join(ALGOS)}")
     env: str = arg(
         "auto",
         help="env kind: auto (the algorithm's default), prune, patch, patch-mask",
@@ -198,7 +198,7 @@ def run(
         # --- the three lines -------------------------------------------------------------------
         env = gym.make(env_id, **env_kwargs)
         model = algo_cls("MlpPolicy", env, tensorboard_log=logdir, seed=seed, **algo_kwargs)
-        model.learn(total_timesteps=timesteps, callback=callback, tb_log_name=tb_log_name or f"{algo}_{kind}")
+        model.learn(timesteps, callback=callback, log_interval=1, tb_log_name=tb_log_name or f"{algo}_{kind}")
         # ----------------------------------------------------------------------------------------
     else:
         from stable_baselines3.common.env_util import make_vec_env
@@ -212,7 +212,7 @@ def run(
             vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv,
         )
         model = algo_cls("MlpPolicy", env, tensorboard_log=logdir, seed=seed, **algo_kwargs)
-        model.learn(total_timesteps=timesteps, callback=callback, tb_log_name=tb_log_name or f"{algo}_{kind}")
+        model.learn(timesteps, callback=callback, log_interval=1, tb_log_name=tb_log_name or f"{algo}_{kind}")
     seconds = time.perf_counter() - start
     tb_dir = model.logger.get_dir() if logdir is not None else None
     model.get_env().close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,11 +88,14 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.model not in list_models():
         raise CliError(f"unknown model {cfg.model!r}; valid models: {', '.join(list_models())}")
+    finite = math.isfinite
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.width_mult > 0, f"--width-mult must be > 0, got {cfg.width_mult}"),
+        (0 < cfg.width_mult <= 64, f"--width-mult must be in (0, 64], got {cfg.width_mult}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
-        (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
+        (cfg.learning_rate > 0 and finite(cfg.learning_rate), f"--learning-rate must be > 0, got {cfg.learning_rate}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.weight_decay >= 0 and finite(cfg.weight_decay), f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (0 < cfg.val_size < 1, f"--val-size must be in (0, 1), got {cfg.val_size}"),
         (0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (cfg.train_size is None or cfg.train_size >= 10, "--train-size must be >= 10"),
@@ -119,6 +123,15 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _prepare(cfg: TrainConfig) -> Path:
+    # The data first (in memory, cached): a missing dataset or sizes that leave no training images
+    # must fail before a run folder exists.
+    try:
+        load_dataset(
+            cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=cfg.download,
+            train_size=cfg.train_size,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from None
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)

@@ -317,9 +317,7 @@ def test_named_inputs_prune_env(prune_env, name):
 @pytest.mark.parametrize("mode", ["ratio", "mask"])
 def test_named_inputs_patch_select_env(ratio_env, mask_env, mode):
     env = ratio_env if mode == "ratio" else mask_env
-    accepted = {
-        name: check_patch_action(env, action) for name, action in named_bad_inputs(env.num_patches).items()
-    }
+    accepted = {name: check_patch_action(env, action) for name, action in named_bad_inputs(env.num_patches).items()}
     # the list covers both sides of the line
     assert any(accepted.values()) and not all(accepted.values())
 
@@ -374,9 +372,7 @@ def _actions(n: int, small_ints: tuple[int, int]) -> st.SearchStrategy:
             st.lists(st.integers(lo, hi), min_size=m, max_size=m),
             st.lists(st.one_of(st.integers(lo, hi), st.none(), st.text(max_size=2)), min_size=m, max_size=m),
             st.lists(st.integers(lo, hi), min_size=m, max_size=m).map(lambda v: np.array(v, dtype=object)),
-            st.lists(st.floats(width=32), min_size=m, max_size=m).map(
-                lambda v: torch.tensor(v, dtype=torch.float32)
-            ),
+            st.lists(st.floats(width=32), min_size=m, max_size=m).map(lambda v: torch.tensor(v, dtype=torch.float32)),
         )
     )
     scalars = st.one_of(
@@ -393,13 +389,9 @@ def _actions(n: int, small_ints: tuple[int, int]) -> st.SearchStrategy:
     # right shape, mostly valid values, now and then one NaN/inf/negative: the border of the space
     near_valid = st.one_of(
         hnp.arrays(np.float64, (n,), elements=st.floats(0, 1e30)),
-        hnp.arrays(
-            np.float64, (n,), elements=st.one_of(st.floats(0, 1), st.floats(0, 1), st.sampled_from(SPECIAL))
-        ),
+        hnp.arrays(np.float64, (n,), elements=st.one_of(st.floats(0, 1), st.floats(0, 1), st.sampled_from(SPECIAL))),
         hnp.arrays(np.float32, (n,), elements=st.one_of(st.integers(lo, hi).map(float), st.just(np.nan))),
-        hnp.arrays(
-            st.sampled_from([np.int64, np.uint8, np.int8]), (n,), elements=st.integers(max(lo, 0), hi)
-        ),
+        hnp.arrays(st.sampled_from([np.int64, np.uint8, np.int8]), (n,), elements=st.integers(max(lo, 0), hi)),
     )
     return st.one_of(near_valid, arrays, lists, scalars)
 
@@ -407,18 +399,14 @@ def _actions(n: int, small_ints: tuple[int, int]) -> st.SearchStrategy:
 @FUZZ
 @given(data=st.data())
 def test_prune_env_random_actions(prune_env, data):
-    accepted = check_prune_action(
-        prune_env, data.draw(_actions(prune_env.num_groups, (-2, 3)), label="action")
-    )
+    accepted = check_prune_action(prune_env, data.draw(_actions(prune_env.num_groups, (-2, 3)), label="action"))
     event("accepted" if accepted else "rejected")
 
 
 @FUZZ
 @given(data=st.data())
 def test_patch_select_ratio_random_actions(ratio_env, data):
-    accepted = check_patch_action(
-        ratio_env, data.draw(_actions(ratio_env.num_patches, (-1, 6)), label="action")
-    )
+    accepted = check_patch_action(ratio_env, data.draw(_actions(ratio_env.num_patches, (-1, 6)), label="action"))
     event("accepted" if accepted else "rejected")
 
 
