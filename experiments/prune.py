@@ -25,6 +25,15 @@ Outputs in ``--out``:
   ``--resume`` continues from the last complete one and ends with the same compressed model and summary
   (timings aside) as an uninterrupted run with the same seed.
 
+Under ``torchrun --nproc-per-node N`` (``gloo`` on CPU, ``nccl`` on GPU) the KD fine-tunes are
+data-parallel (:func:`envs.distill.distill` with ``distributed=True``: each rank distils on its slice of
+every ``--kd-batch-size`` global batch, gradients all-reduced by DistributedDataParallel). The pruning
+search is not split: every rank runs the same seeded search on the same model, and the env draws the
+same Taylor calibration batch on every rank (from its seeded ``np_random``), so the importance needs no
+reduction; the action each stage commits is rank 0's, broadcast, and the ranks check after every stage
+that they hold the same widths. Rank 0 alone writes files (the run folder must be shared by the ranks
+for ``--resume``, as it is on one machine); every rank returns rank 0's summary.
+
 ``--algo ppo|sac|a2c`` trains a plain Stable-Baselines3 algorithm on the same env (one timestep = one
 stage) for ``--episodes`` episodes and keeps the episode whose final model is best on validation; these
 runs are not resumable mid-way (SB3's rollout state is not checkpointed), ``--resume`` refuses them.
@@ -55,6 +64,14 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from envs.data import DATASETS
+from envs.distributed import (
+    DistributedInfo,
+    all_gather_objects,
+    cleanup_distributed,
+    init_distributed,
+    is_main_process,
+    main_first,
+)
 from experiments.common import (
     CliError,
     arg,
@@ -363,6 +380,7 @@ def _kd_epochs(
     start_epoch: int = 0,
     best: tuple[float, dict] | None = None,
     on_epoch: Any = None,
+    distributed: bool = False,
 ) -> tuple[float, list[dict]]:
     """Distil ``student`` for ``epochs`` epochs (one cosine over all of them); keep the best validation epoch.
 
@@ -374,6 +392,8 @@ def _kd_epochs(
         best: ``(accuracy, state_dict)`` to beat (default: the student's entry weights and their
             validation accuracy); the student ends with the best weights seen.
         on_epoch: ``on_epoch(epoch, best_accuracy, best_state, records)`` after every epoch (checkpoints).
+        distributed: data-parallel distillation over the open process group; all ranks end with the
+            same student, so their validation scores and the kept epoch agree.
 
     Returns:
         (best validation accuracy, per-epoch records).
@@ -401,6 +421,7 @@ def _kd_epochs(
             batch_size=batch_size,
             device=device,
             seed=_kd_seed(seed, stage, epoch),
+            distributed=distributed,
         )
         acc = evaluate_accuracy(student, data.val_x, data.val_y, data.normalize, device=device)
         records.append(
@@ -432,9 +453,10 @@ class _StageRecovery(gym.Wrapper):
     algorithms, whose vectorised env resets as soon as an episode ends).
     """
 
-    def __init__(self, env: gym.Env, cfg: PruneConfig, data: Any, device: str) -> None:
+    def __init__(self, env: gym.Env, cfg: PruneConfig, data: Any, device: str, distributed: bool = False) -> None:
         super().__init__(env)
         self.cfg = cfg
+        self.distributed = distributed
         self.data = data
         self.device = device
         raw = env.unwrapped
@@ -462,7 +484,11 @@ class _StageRecovery(gym.Wrapper):
         raw = self.env.unwrapped
         stage = int(raw.stage)
         t0 = time.perf_counter()
+        if self.distributed:
+            action = main_first(lambda: action)  # every rank commits rank 0's decision
         obs, reward, terminated, truncated, info = self.env.step(action)
+        if self.distributed:
+            _check_same_widths(raw)
         info = dict(info)
         record: dict[str, Any] = {
             "episode": self.episode,
@@ -485,6 +511,7 @@ class _StageRecovery(gym.Wrapper):
                 learning_rate=self.cfg.kd_learning_rate,
                 batch_size=self.cfg.kd_batch_size,
                 device=self.device,
+                distributed=self.distributed,
             )
             obs, env_acc = _after_kd(raw)
             # info["accuracy"] stays the committed (pre-distillation) accuracy: RL-Pruner's collapse guard
@@ -530,6 +557,13 @@ class _StageRecovery(gym.Wrapper):
         self.stage_records = list(state["stage_records"])
         self.episode = int(state["episode"])
         self.teacher = self.original if state["teacher_is_original"] or teacher is None else teacher.eval()
+
+
+def _check_same_widths(raw: Any) -> None:
+    """Stop every rank if the ranks' models differ (e.g. non-deterministic importance on a GPU)."""
+    widths = all_gather_objects(np.asarray(raw.group_widths).tolist())
+    if any(w != widths[0] for w in widths):
+        raise RuntimeError(f"ranks pruned different channels (group widths {widths}); stopping")
 
 
 def _json_default(obj: Any) -> Any:
@@ -659,6 +693,8 @@ class _StageCheckpoint(BaseCallback):
     def _on_step(self) -> bool:
         from models import save_model
 
+        if not is_main_process():  # every rank holds the same state; rank 0 writes it
+            return True
         raw = self.recovery.env.unwrapped
         stage = int(raw.stage)
         record = self.recovery.stage_records[-1] if self.recovery.stage_records else {}
@@ -806,34 +842,43 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compress(config: PruneConfig) -> dict[str, Any]:
-    """Run one compression (see the module docstring) and return the summary written to ``summary.json``."""
+    """Run one compression (see the module docstring) and return the summary written to ``summary.json``.
+
+    Under ``torchrun`` every rank calls this; rank 0 writes the files and every rank returns its summary.
+    """
+    validate(config)
+    dist_info = init_distributed(resolve_device(config.device))
+    try:
+        summary = _compress(config, dist_info)  # None on ranks other than 0
+        return main_first(lambda: summary)
+    finally:
+        cleanup_distributed()
+
+
+def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any] | None:
     cfg = config
     validate(cfg)
     from experiments.plots import plot_policy
     from models import load_model, save_model
 
-    device = resolve_device(cfg.device)
+    device = dist_info.device
+    main = dist_info.is_main
     if cfg.out is None:
         name = cfg.model or (cfg.env or "env").removeprefix("envs:")
-        cfg = dataclasses.replace(
-            cfg, out=str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}"))
-        )
+        # rank 0 names the run (the name holds the time) and tells the others
+        out_name = main_first(lambda: str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}")))
+        cfg = dataclasses.replace(cfg, out=out_name)
     clock = _Clock()
     seed_everything(cfg.seed)
     # The env first: it reads the checkpoint and the data, so a bad or foreign model file, a missing
     # dataset or a model that does not fit it is refused before a run folder exists.
     env = _make_env(cfg, device)
-    out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
-    if cfg.resume:
-        _check_resume(out, cfg)
-        _remove_partial_checkpoints(out)
-    else:
-        write_json(out / "config.json", cfg)
+    out = main_first(lambda: _prepare_out(cfg))  # rank 0 makes the folder; a refusal ends every rank
     raw = env.unwrapped
     data = _env_data(raw)
     num_stages = int(raw.num_stages)
-    recovery = _StageRecovery(env, cfg, data, device)
-    tb = str(out / "tb")
+    recovery = _StageRecovery(env, cfg, data, device, distributed=dist_info.enabled)
+    tb = str(out / "tb") if main else None  # the agents log to TensorBoard on rank 0 only
     stages_dir = out / "stages"
 
     from tqdm.auto import tqdm
@@ -862,7 +907,10 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             if agent is None:
                 agent = _make_agent(cfg, recovery, tb, num_stages)
             bar = tqdm(
-                total=num_stages, initial=done_stages, desc=f"prune {cfg.algo}", disable=not cfg.progress
+                total=num_stages,
+                initial=done_stages,
+                desc=f"prune {cfg.algo}",
+                disable=not (cfg.progress and main),
             )
             try:
                 callback = _StageCheckpoint(stages_dir, recovery, clock, bar=bar)
@@ -891,7 +939,9 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             _save_search(out, pruned, teacher, recovery, search, clock)
     else:
         agent = _make_agent(cfg, recovery, tb, num_stages)
-        bar = tqdm(total=num_stages * cfg.episodes, desc=f"prune {cfg.algo}", disable=not cfg.progress)
+        bar = tqdm(
+            total=num_stages * cfg.episodes, desc=f"prune {cfg.algo}", disable=not (cfg.progress and main)
+        )
 
         class _Bar(BaseCallback):
             def _on_step(self) -> bool:
@@ -899,7 +949,11 @@ def compress(config: PruneConfig) -> dict[str, Any]:
                 return True
 
         try:
-            agent.learn(num_stages * cfg.episodes, callback=_Bar(), tb_log_name=cfg.algo)
+            from agents.callbacks import EnvInfoCallback
+
+            # One TensorBoard point per stage (SAC/A2C would otherwise dump only every few episodes).
+            info_cb = EnvInfoCallback(config=dataclasses.asdict(cfg))
+            agent.learn(num_stages * cfg.episodes, callback=[info_cb, _Bar()], tb_log_name=cfg.algo, log_interval=1)
         finally:
             bar.close()
         best = recovery.best_episode
@@ -955,7 +1009,8 @@ def compress(config: PruneConfig) -> dict[str, Any]:
                 tmp / _STATE_FILE,
             )
 
-        _write_dir_atomically(final_dir, write)
+        if main:
+            _write_dir_atomically(final_dir, write)
 
     if cfg.final_finetune_epochs > 0 and start_epoch < cfg.final_finetune_epochs:
         _, records = _kd_epochs(
@@ -971,12 +1026,16 @@ def compress(config: PruneConfig) -> dict[str, Any]:
             start_epoch=start_epoch,
             best=(best_acc, best_state),
             on_epoch=on_epoch,
+            distributed=dist_info.enabled,
         )
         final_records += records
     else:
         student.load_state_dict(best_state)
 
     # ---- outputs ---------------------------------------------------------------------------------
+    if not main:  # every rank holds the same compressed model; rank 0 measures it and writes
+        env.close()
+        return None
     original = recovery.original
     base = _measure(original, data, device)
     final = _measure(student, data, device)
@@ -1041,6 +1100,17 @@ def compress(config: PruneConfig) -> dict[str, Any]:
     return summary
 
 
+def _prepare_out(cfg: PruneConfig) -> Path:
+    """Create (or reopen, with ``--resume``) the run folder and write ``config.json``."""
+    out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
+    if cfg.resume:
+        _check_resume(out, cfg)
+        _remove_partial_checkpoints(out)
+    else:
+        write_json(out / "config.json", cfg)
+    return out
+
+
 def _save_search(
     out: Path,
     pruned: torch.nn.Module,
@@ -1059,7 +1129,7 @@ def _save_search(
         blob = json.dumps(search, default=_json_default)
         atomic_torch_save({"search_json": blob, "rng": _rng_state(), "wall": clock()}, tmp / _STATE_FILE)
 
-    _write_dir_atomically(out / "search", write)
+    main_first(lambda: _write_dir_atomically(out / "search", write))  # the other ranks then read it
 
 
 def _group_names(raw: Any, n: int) -> list[str]:

@@ -179,6 +179,12 @@ def test_uniform_baseline_and_sb3_algorithm_share_the_outputs(base_checkpoint, t
         assert summary["algo"] == algo
         assert summary["final"]["macs"] < summary["baseline"]["macs"]
         assert (out / "compressed.pt").is_file() and (out / "policy.png").is_file()
+    # the SB3 algorithm's TensorBoard run carries the env figures, one point per stage
+    from agents.callbacks import read_tensorboard
+
+    runs = [p.parent for p in (tmp_path / "ppo").rglob("events.out.tfevents*")]
+    tags = set().union(*(set(read_tensorboard(r).Tags()["scalars"]) for r in runs))
+    assert {"env/accuracy", "env/macs_ratio"} <= tags
 
 
 @pytest.mark.slow
