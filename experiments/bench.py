@@ -48,6 +48,7 @@ class BenchConfig:
     device: str = arg("cpu", help="cpu, cuda or auto")
     quick: bool = arg(False, help="smaller sizes (for tests and a first look)")
     repeats: int = arg(5, help="timed repeats (the median is reported)")
+    threads: int | None = arg(None, help="torch CPU threads (default: torch's)")
 
 
 Config = BenchConfig
@@ -62,10 +63,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (for tests and a first look)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default: 5)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 gives steadier ratios on a busy machine)",
+    )
 
 
 def config_from_args(args) -> BenchConfig:
-    return BenchConfig(which=args.which, out=args.out, device=args.device, quick=args.quick, repeats=args.repeats)
+    return BenchConfig(
+        which=args.which, out=args.out, device=args.device, quick=args.quick, repeats=args.repeats, threads=args.threads
+    )
 
 
 def _median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -243,6 +252,10 @@ def run(cfg: BenchConfig) -> dict:
 
     if cfg.repeats < 1:
         raise CliError(f"--repeats must be >= 1, got {cfg.repeats}")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
