@@ -7,6 +7,12 @@ sees, so training touches fewer tokens. Here the ViT and its training loop live 
 one env step is one ViT training step; any discrete-action SB3 agent (DQN, PPO, A2C) or
 ``agents.DDQN`` can drive it.
 
+With ``distributed=True`` (under ``torchrun``) the ViT's training step is data-parallel: every rank
+draws the same seeded global batch and scores all of it (so all ranks observe the same state), commits
+rank 0's action (broadcast each step), trains on its contiguous slice through DistributedDataParallel
+(gradients averaged) and takes the loss averaged over the ranks for the reward and the NaN guard, so
+the ViT, the observation and the reward are the same on every rank.
+
 ``benchmark_vit`` measures what token dropping buys on the hardware at hand (``keepgym bench vit``).
 """
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from gymnasium import spaces
 
 from envs.data import BatchLoader, DatasetSplits, load_dataset
+from envs.distributed import all_reduce_sum, main_first
 from models import create_model, save_model
 from models.vit import ViT, select_random_k, select_topk, vit_cifar
 
@@ -165,6 +172,8 @@ class PatchSelectEnv(gym.Env):
         render_mode: None or ``"rgb_array"``: :meth:`render` returns the observation as a heat map
             (one cell per patch, brighter = more attention; SB3's ``make_vec_env`` asks for it).
         guard_interval: Steps between the copies of the ViT/optimiser state the NaN guard restores.
+        distributed: Data-parallel ViT training over the open process group (module docstring);
+            ``batch_size`` is then the global batch and every rank must step the env together.
 
     Raises:
         ValueError: A patch size that does not divide the image, ``keep_ratios`` outside ``(0, 1]``,
@@ -209,6 +218,7 @@ class PatchSelectEnv(gym.Env):
         data: DatasetSplits | None = None,
         render_mode: str | None = None,
         guard_interval: int = 50,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -301,7 +311,16 @@ class PatchSelectEnv(gym.Env):
         )
         # A ViT exists from the start (seed 0) so `vit`, `evaluate` and `save` work before any reset;
         # the first reset always starts a fresh run.
+        self.distributed = bool(distributed)
+        self._rank, self._world = 0, 1
+        if self.distributed:
+            import torch.distributed as dist
+
+            self._rank, self._world = dist.get_rank(), dist.get_world_size()
+            if batch_size < self._world:
+                raise ValueError(f"batch_size {batch_size} is smaller than the world size {self._world}")
         self._vit = self._build_vit(0)
+        self._net: torch.nn.Module = self._vit  # what the training forward pass calls (DDP when distributed)
         self._optimizer: torch.optim.Optimizer | None = None
         self._run_started = False
         self._epoch = 0
@@ -360,6 +379,8 @@ class PatchSelectEnv(gym.Env):
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         if self._batch is None or self._scores is None:
             raise RuntimeError("call reset() before step() (and after an episode ends)")
+        if self.distributed:
+            action = main_first(lambda: action)  # rank 0 decides; every rank trains with its choice
         # Parse first: a bad action must leave the ViT and the data stream untouched.
         keep = self._action_to_keep(action, self._scores)
         warmup = self._epoch < self.warmup_epochs
@@ -370,11 +391,19 @@ class PatchSelectEnv(gym.Env):
         x, y = self._batch
         vit, opt = self._vit, self._optimizer
         assert opt is not None
+        xs, ys, keep_s = x, y, keep
+        if self.distributed:  # this rank's contiguous slice of the global batch (and of per-image keeps)
+            xs, ys = x.tensor_split(self._world)[self._rank], y.tensor_split(self._world)[self._rank]
+            if keep is not None and keep.dim() == 2:
+                keep_s = keep.tensor_split(self._world)[self._rank]
         vit.train()
         _sync(self.device)
         start = time.perf_counter()
-        loss = F.cross_entropy(vit(x, keep=keep), y)
-        loss_value = float(loss.item())
+        loss = F.cross_entropy(self._net(xs, keep=keep_s), ys)
+        if self.distributed:  # the global-batch loss: same reward and NaN decision on every rank
+            loss_value = float(all_reduce_sum(loss.detach().clone()).item()) / self._world
+        else:
+            loss_value = float(loss.item())
         diverged = not math.isfinite(loss_value)
         if diverged:
             self._on_divergence(loss_value)
@@ -512,6 +541,12 @@ class PatchSelectEnv(gym.Env):
     def _new_run(self) -> None:
         vit_seed, data_seed = (int(s) for s in self.np_random.integers(0, 2**62, size=2))
         self._vit = self._build_vit(vit_seed)
+        self._net = self._vit
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            self._net = DistributedDataParallel(self._vit, device_ids=ids)  # averages gradients in backward()
         self._optimizer = _adam(self._vit, self.learning_rate, self.device)
         self._loader.generator = torch.Generator().manual_seed(data_seed)
         self._run_started = True

@@ -32,6 +32,15 @@ Outputs in ``--out``: ``summary.json``, ``config.json``, ``agent.zip``, ``vit.pt
 ``env/*`` from :class:`agents.callbacks.EnvInfoCallback`, ``eval/*`` per epoch) and
 ``checkpoint/`` (after every epoch: ViT, optimiser, env and RNG states, agent zip and replay
 buffer), from which ``--resume`` continues.
+
+Under ``torchrun --nproc-per-node N`` (``gloo`` on CPU, ``nccl`` on GPU) the joint ViT training is
+data-parallel: every rank builds the same seeded env and agent, each ViT step trains on the rank's slice
+of the ``--batch-size`` global batch with gradients all-reduced (DistributedDataParallel), and the loss
+in the reward is the global-batch mean, so all ranks hold the same ViT and see the same observations
+and rewards. The action each step commits is rank 0's agent's, broadcast (the other ranks' agents
+would choose the same from the same seed and inputs on deterministic kernels; the broadcast makes it
+so on any). Rank 0 alone writes files and runs the per-epoch validation, the ``--baseline`` ViT and
+the final report (single-process); every rank returns rank 0's summary.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import copy
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -53,6 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
+from envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, is_main_process, main_first
 from experiments.common import (
     CliError,
     arg,
@@ -670,7 +681,7 @@ def _patches_figure(
 
 
 # --------------------------------------------------------------------------- training
-def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device) -> Any:
+def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device, distributed: bool = False) -> Any:
     from envs.patch_select_env import PatchSelectEnv
 
     try:
@@ -688,6 +699,7 @@ def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device) -
             warmup_epochs=cfg.warmup_epochs,
             device=device,
             augment=cfg.augment,
+            distributed=distributed,
             **_vit_dims(cfg.preset),
         )
     except ValueError as err:
@@ -771,8 +783,9 @@ def _make_callback(
             self.epoch_ended = False
             start = time.perf_counter()
             epoch = _completed_epochs(wrapper)
-            _log_val(self.model, wrapper, cfg, data, device, epoch)
-            _save_checkpoint(ckpt_dir, self.model, wrapper, clock, epoch, finished=False)
+            if is_main_process():  # every rank holds the same ViT; rank 0 scores and saves it
+                _log_val(self.model, wrapper, cfg, data, device, epoch)
+                _save_checkpoint(ckpt_dir, self.model, wrapper, clock, epoch, finished=False)
             clock["excluded"] += time.perf_counter() - start
             if cfg._stop_after_epoch is not None and epoch >= cfg._stop_after_epoch:
                 raise _Stop
@@ -858,29 +871,41 @@ def train_agentvit(cfg: AgentViTConfig) -> dict[str, Any] | None:
     validate(cfg)
     if cfg.out is None:
         cfg.out = default_out(cfg)
-    device = torch.device(resolve_device(cfg.device))
+    dist_info = init_distributed(resolve_device(cfg.device))
+    device = torch.device(dist_info.device)
+    previous_threads = torch.get_num_threads()
+    try:
+        out = main_first(lambda: _prepare_out(cfg))  # rank 0 makes the folder; a refusal ends every rank
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        summary = _train(cfg, out, device, dist_info)  # None on ranks other than 0
+        return main_first(lambda: summary)
+    finally:
+        torch.set_num_threads(previous_threads)
+        cleanup_distributed()
+
+
+def _prepare_out(cfg: AgentViTConfig) -> Path:
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)
     write_json(out / "config.json", cfg)
-    previous_threads = torch.get_num_threads()
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        return _train(cfg, out, device)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return out
 
 
-def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, Any] | None:
+def _train(
+    cfg: AgentViTConfig, out: Path, device: torch.device, dist_info: DistributedInfo | None = None
+) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
     from agents.callbacks import EnvInfoCallback
     from models import load_model_with_extra, save_model
 
+    dist_info = dist_info or DistributedInfo(device=str(device))
+    main = dist_info.is_main
     seed_everything(cfg.seed)
     data = _load_data(cfg)
-    env = _build_env(cfg, data, device)
+    env = _build_env(cfg, data, device, dist_info.enabled)
     steps_per_epoch = env.steps_per_epoch
     total_vit_steps = cfg.epochs * steps_per_epoch
     agent_steps = (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch
@@ -890,7 +915,9 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
         state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
         logger.info("resuming %s after epoch %d", out, state["epoch"])
 
-    bar = tqdm(total=total_vit_steps, desc=f"agentvit {cfg.dataset} {cfg.algo}", disable=not cfg.progress)
+    bar = tqdm(
+        total=total_vit_steps, desc=f"agentvit {cfg.dataset} {cfg.algo}", disable=not (cfg.progress and main)
+    )
 
     def on_step(info: dict) -> None:
         bar.update(1)
@@ -899,12 +926,12 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
     wrapper = _JointTraining(env, on_step=on_step)
     clock = {"before": 0.0, "excluded": 0.0, "start": time.perf_counter()}
     if state is None:
-        agent = _make_agent(cfg, wrapper, steps_per_epoch, str(out))
+        agent = _make_agent(cfg, wrapper, steps_per_epoch, str(out) if main else None)
     else:
         agent = _load_agent(cfg.algo, ckpt_dir / "agent.zip", env=wrapper)
         if hasattr(agent, "load_replay_buffer") and (ckpt_dir / "replay_buffer.pkl").exists():
             agent.load_replay_buffer(ckpt_dir / "replay_buffer.pkl")
-        agent.tensorboard_log = str(out)
+        agent.tensorboard_log = str(out) if main else None
         _set_rng_states(agent, state["rng"])
         wrapper.restore_on_next_reset(state["env"])
         agent._last_obs = None  # make learn() reset the env, i.e. restore it
@@ -926,12 +953,16 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
                 reset_num_timesteps=state is None,
                 log_interval=1,
             )
+            if not main:
+                return None  # rank 0 saves, scores and reports (other ranks get its summary)
             _save_checkpoint(ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
             state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
     except _Stop:
         return None
     finally:
         bar.close()
+    if not main:
+        return None
     train_seconds = float(state["train_seconds"])
     if finished:  # resumed after training had ended: rebuild the trained ViT from the final checkpoint
         wrapper.restore_on_next_reset(state["env"])
@@ -989,6 +1020,8 @@ def _train(cfg: AgentViTConfig, out: Path, device: torch.device) -> dict[str, An
         device=str(device),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+    if dist_info.enabled:
+        summary["world_size"] = dist_info.world_size
     k = max(1, int(round(summary["agent"]["kept_patches"])))
     chooser = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
     try:
@@ -1113,6 +1146,8 @@ def run(cfg: AgentViTConfig) -> dict[str, Any]:
     summary = train_agentvit(cfg)
     if summary is None:
         return {}
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return summary
     print(_format(summary))
     print(f"run folder: {cfg.out}")
     return summary

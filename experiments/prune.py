@@ -1094,6 +1094,8 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
         "wall_seconds": wall,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if dist_info.enabled:
+        summary["world_size"] = dist_info.world_size
     write_json(out / "summary.json", summary)
     _log_final(tb, cfg.algo, summary)
     env.close()
@@ -1157,6 +1159,8 @@ def _log_final(tb: str, algo: str, summary: dict) -> None:
 def run(cfg: PruneConfig) -> dict:
     """CLI entry point: :func:`compress` plus a short report on stdout."""
     summary = compress(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return summary
     b, f = summary["baseline"], summary["final"]
     print(
         f"{summary['algo']}: sparsity {summary['sparsity']:.3f}  "
