@@ -268,13 +268,23 @@ def run(cfg: BenchConfig) -> dict:
         start = time.perf_counter()
         result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
         result["machine"] = machine_info()
-        result["command"] = " ".join(["keepgym", *sys.argv[1:]]) if sys.argv else "keepgym bench"
+        result["command"] = _command(cfg)
         result["device"] = device
         result["wall_seconds"] = time.perf_counter() - start
         write_json(out / f"{name}.json", result)
         results[name] = result
         sys.stdout.write(f"{name}: {_headline(result)} -> {out / (name + '.json')}\n")
     return results
+
+
+def _command(cfg: BenchConfig) -> str:
+    """The ``keepgym bench`` command line that reproduces this run."""
+    parts = ["keepgym", "bench", cfg.which, "--out", cfg.out, "--device", cfg.device, "--repeats", str(cfg.repeats)]
+    if cfg.quick:
+        parts.append("--quick")
+    if cfg.threads is not None:
+        parts += ["--threads", str(cfg.threads)]
+    return " ".join(parts)
 
 
 def _headline(result: dict) -> str:
