@@ -14,6 +14,7 @@ training loop needs; only rank 0 writes files (:func:`is_main_process`).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -104,9 +105,22 @@ def init_distributed(device: str = "cpu") -> DistributedInfo:
 
 
 def cleanup_distributed() -> None:
-    """Close the process group if one is open."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Wait for every rank, then close the process group (if one is open).
+
+    Without the barrier a rank that finishes first tears its connections down while another is
+    still using them, and gloo aborts that process ("terminate called without an active exception").
+    The barrier is bounded, so a rank that failed does not hang the others' exit for long.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+        else:
+            dist.barrier()
+    except RuntimeError as err:  # a rank died or timed out: close anyway
+        logger.warning("ranks did not all reach the end of the run: %s", err)
+    dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
