@@ -67,7 +67,8 @@ def default_checkpoint_path(model_name: str, dataset: str, width_mult: float = 1
 
 def _train_command(model_name: str, dataset: str, width_mult: float, path: Path) -> str:
     width = "" if width_mult == 1.0 else f" --width-mult {width_mult:g}"
-    return f"keepgym train --model {model_name} --dataset {dataset}{width} --out {path.parent}"
+    download = "" if dataset in ("digits", "synthetic") else " --download"  # a no-op when it is already there
+    return f"keepgym train --model {model_name} --dataset {dataset}{width}{download} --out {path.parent}"
 
 
 @functools.lru_cache(maxsize=4)

@@ -282,7 +282,7 @@ def test_missing_cifar_checkpoint_prints_the_train_command(tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError) as err:
         PruneEnv(model_name="vgg19", dataset="cifar100")
     path = default_checkpoint_path("vgg19", "cifar100")
-    assert f"keepgym train --model vgg19 --dataset cifar100 --out {path.parent}" in str(err.value)
+    assert f"keepgym train --model vgg19 --dataset cifar100 --download --out {path.parent}" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- I/O and extras
