@@ -773,17 +773,19 @@ class PruneEnv(gym.Env):
             acc = _accuracy(self.model, *self._val, self.batch_size)
             _sync(self.device)
         eval_s = time.perf_counter() - t0
-        macs, params = self._cost(self.group_widths - counts)
-        info = self._info(
-            acc,
-            macs,
-            params,
-            self.group_widths - counts,
-            WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0),
-            removed=self._removed + int(counts.sum()),
-        )
-        info.update(removed=counts.tolist(), accuracy_before_finetune=acc)
-        return self._reward(acc, macs, params), info
+        return self.candidate_result(counts, acc, WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0))
+
+    def candidate_result(self, counts: np.ndarray, accuracy: float, times: WallTimes) -> tuple[float, dict]:
+        """``(reward, info)`` of a candidate allocation ``counts`` whose validation accuracy was measured.
+
+        Shared by :meth:`evaluate` and the parallel backends, which measure the accuracy elsewhere:
+        MACs and params come from the stage's closed-form cost model.
+        """
+        widths = self.group_widths - counts
+        macs, params = self._cost(widths)
+        info = self._info(accuracy, macs, params, widths, times, removed=self._removed + int(counts.sum()))
+        info.update(removed=counts.tolist(), accuracy_before_finetune=accuracy)
+        return self._reward(accuracy, macs, params), info
 
     def evaluate_many(
         self, actions: Sequence[Any], backend: str = "serial", workers: int | None = None

@@ -241,21 +241,10 @@ class RayBackend:
         self._refresh(ray, env)
         version = self.version
         scored = list(self._pool.map(lambda actor, c: actor.score.remote(version, c), counts))
-        out = []
-        for c, (acc, eval_s) in zip(counts, scored, strict=True):
-            # the same (reward, info) that PruneEnv.evaluate builds
-            macs, params = env._cost(env.group_widths - c)
-            info = env._info(
-                acc,
-                macs,
-                params,
-                env.group_widths - c,
-                WallTimes(eval_s=eval_s, total_s=eval_s),
-                removed=env._removed + int(c.sum()),
-            )
-            info.update(removed=c.tolist(), accuracy_before_finetune=acc)
-            out.append((env._reward(acc, macs, params), info))
-        return out
+        return [
+            env.candidate_result(c, acc, WallTimes(eval_s=eval_s, total_s=eval_s))
+            for c, (acc, eval_s) in zip(counts, scored, strict=True)
+        ]
 
 
 def register_ray_backend(
