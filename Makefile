@@ -1,28 +1,49 @@
 # Two entry points: `make demo` (the offline demo) and `make test` (the test suite).
-# Both build .venv on first use and install keepgym into it (editable, with the test extra).
+# Both build .venv on first use and install keepgym into it (editable, with the test extras), pinned to
+# the tested versions in requirements.lock. `make lock` regenerates the lock from setup.cfg's ranges;
+# `make test-lowest` runs the suite against the lowest versions setup.cfg allows (requirements-lowest.txt).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LOCK ?= requirements.lock
+EXTRAS ?= test,ray,export,timm
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench lock test-lowest wheel-check clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e ".[test,ray]"
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m experiments demo --out runs/demo --force
+	$(PY) -m keepgym demo --out runs/demo --force
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check envs agents models experiments tests
+	$(VENV)/bin/ruff check keepgym envs agents models experiments tests
 
 bench: $(VENV)/.installed
-	$(PY) -m experiments bench all --out bench/
+	$(PY) -m keepgym bench all --out bench/
+
+# The lock: resolve setup.cfg's ranges (with every extra the tests use) in a throw-away venv, freeze it.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lock/bin/python -m pip install -q ".[$(EXTRAS)]"
+	( echo "# Tested environment of keepgym (pip constraints). Regenerate with: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude keepgym ) > $(LOCK)
+	rm -rf .venv-lock
+
+# The suite against the lowest supported versions (the optional extras are left out: their tests skip).
+test-lowest:
+	test -x .venv-lowest/bin/python || $(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.venv-lowest/bin/python -m pip install -q -c requirements-lowest.txt -e ".[test]"
+	.venv-lowest/bin/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs/demo .pytest_cache
+	rm -rf $(VENV) .venv-lowest .venv-lock runs/demo .pytest_cache

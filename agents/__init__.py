@@ -1,17 +1,17 @@
 """Stable-Baselines3-style agents of keepgym.
 
-* :class:`agents.RLPruner`: RL-Pruner's Gaussian-noise policy over the layer distribution.
-* :class:`agents.UniformPruner`, :class:`agents.GlobalPruner`: non-RL baselines, same interface.
-* :class:`agents.DDQN`: Double DQN (one Q head for ``Discrete``, a branching head for ``MultiBinary``).
+* :class:`keepgym.agents.RLPruner`: RL-Pruner's Gaussian-noise policy over the layer distribution.
+* :class:`keepgym.agents.UniformPruner`, :class:`keepgym.agents.GlobalPruner`: non-RL baselines, same interface.
+* :class:`keepgym.agents.DDQN`: Double DQN (one Q head for ``Discrete``, a branching head for ``MultiBinary``).
 """
 
 __all__ = ["RLPruner", "UniformPruner", "GlobalPruner", "DDQN"]
 
 _WHERE = {
-    "RLPruner": "agents.rl_pruner",
-    "UniformPruner": "agents.baselines",
-    "GlobalPruner": "agents.baselines",
-    "DDQN": "agents.ddqn",
+    "RLPruner": "keepgym.agents.rl_pruner",
+    "UniformPruner": "keepgym.agents.baselines",
+    "GlobalPruner": "keepgym.agents.baselines",
+    "DDQN": "keepgym.agents.ddqn",
 }
 
 
@@ -20,4 +20,4 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'agents' has no attribute {name!r}")
+    raise AttributeError(f"module 'keepgym.agents' has no attribute {name!r}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
-from agents.rl_pruner import PruneDistributionPolicy, _normalise, _StagedPrunerBase
+from keepgym.agents.rl_pruner import PruneDistributionPolicy, _normalise, _StagedPrunerBase
 
 __all__ = ["GlobalPruner", "UniformPruner"]
 
@@ -110,7 +110,7 @@ class UniformPruner(_FixedRulePruner):
 
     Args:
         policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
-        env: A ``PruneEnv``-like env (single env, see :class:`agents.rl_pruner.RLPruner`).
+        env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
         image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
         tensorboard_log: TensorBoard log folder (None: no TensorBoard).
         seed: Seed of SB3's global RNGs and of the env's first reset.
@@ -146,7 +146,7 @@ class GlobalPruner(_FixedRulePruner):
 
     Args:
         policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
-        env: A ``PruneEnv``-like env (single env, see :class:`agents.rl_pruner.RLPruner`).
+        env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
         image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
         tensorboard_log: TensorBoard log folder (None: no TensorBoard).
         seed: Seed of SB3's global RNGs and of the env's first reset.

@@ -7,8 +7,8 @@
     import gymnasium as gym
     from stable_baselines3 import PPO
 
-    import envs  # registers the env ids
-    from agents.callbacks import EnvInfoCallback
+    import keepgym  # registers the env ids
+    from keepgym.agents.callbacks import EnvInfoCallback
 
     env = gym.make("RLPrune-Digits-v0", target_sparsity=0.5)
     model = PPO("MlpPolicy", env, tensorboard_log="runs/")

@@ -1,10 +1,10 @@
 """Gymnasium environments of keepgym and the machinery they drive.
 
 Importing this package registers every environment id, so ``gym.make("RLPrune-VGG19-v0")`` works
-after ``import envs``, and ``gym.make("envs:RLPrune-VGG19-v0")`` imports it on the fly.
+after ``import keepgym``, and ``gym.make("keepgym:RLPrune-VGG19-v0")`` imports it on the fly.
 
-* ``RLPrune-*``: :class:`envs.prune_env.PruneEnv`, RL-Pruner's staged structured pruning.
-* ``PatchSelect-*``: :class:`envs.patch_select_env.PatchSelectEnv`, AgentViT's patch selection.
+* ``RLPrune-*``: :class:`keepgym.envs.prune_env.PruneEnv`, RL-Pruner's staged structured pruning.
+* ``PatchSelect-*``: :class:`keepgym.envs.patch_select_env.PatchSelectEnv`, AgentViT's patch selection.
 """
 
 from gymnasium.envs.registration import register, registry
@@ -32,19 +32,19 @@ PATCH_ENV_IDS = {
 
 for _id, _kw in PRUNE_ENV_IDS.items():
     if _id not in registry:
-        register(id=_id, entry_point="envs.prune_env:PruneEnv", kwargs=dict(_kw))
+        register(id=_id, entry_point="keepgym.envs.prune_env:PruneEnv", kwargs=dict(_kw))
 for _id, _kw in PATCH_ENV_IDS.items():
     if _id not in registry:
-        register(id=_id, entry_point="envs.patch_select_env:PatchSelectEnv", kwargs=dict(_kw))
+        register(id=_id, entry_point="keepgym.envs.patch_select_env:PatchSelectEnv", kwargs=dict(_kw))
 
 
 def __getattr__(name: str):
     if name == "PruneEnv":
-        from envs.prune_env import PruneEnv
+        from keepgym.envs.prune_env import PruneEnv
 
         return PruneEnv
     if name == "PatchSelectEnv":
-        from envs.patch_select_env import PatchSelectEnv
+        from keepgym.envs.patch_select_env import PatchSelectEnv
 
         return PatchSelectEnv
-    raise AttributeError(f"module 'envs' has no attribute {name!r}")
+    raise AttributeError(f"module 'keepgym.envs' has no attribute {name!r}")

@@ -12,7 +12,7 @@ NaN/inf guard stops the run and restores the last good weights instead of propag
 
 Under ``torchrun`` (``distributed=True``) the student is wrapped in ``DistributedDataParallel``: all
 ranks draw the same seeded global batch, each distils on its contiguous slice of it
-(:class:`envs.distributed.ShardedLoader`) and the gradients are averaged over the ranks. The guard
+(:class:`keepgym.envs.distributed.ShardedLoader`) and the gradients are averaged over the ranks. The guard
 looks at the loss summed over the ranks, so every rank stops at the same step, and rank 0's batch-norm
 statistics are copied to every rank at the end: all ranks leave with the same student.
 """
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from envs.data import BatchLoader, DatasetSplits
-from envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
+from keepgym.envs.data import BatchLoader, DatasetSplits
+from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
 
 __all__ = ["DistillStats", "distill", "kd_loss"]
 
@@ -146,7 +146,7 @@ def distill(
     Args:
         student: the (pruned) model to train; left in eval mode afterwards.
         teacher: the unpruned model; run in eval mode under ``no_grad``, never changed.
-        loader_or_data: a :class:`envs.data.DatasetSplits` (its train split is used, shuffled and,
+        loader_or_data: a :class:`keepgym.envs.data.DatasetSplits` (its train split is used, shuffled and,
             with ``augment``, pad-cropped and flipped) or any iterable of ``(x, y)`` batches of
             normalised images, re-iterated as often as needed.
         steps: optimiser steps (0 does nothing).

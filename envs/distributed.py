@@ -4,7 +4,7 @@
 rendezvous address in the environment. :func:`init_distributed` reads them and opens the process
 group (``gloo`` on CPU, ``nccl`` on CUDA, one GPU per local rank); without them it returns a
 single-process :class:`DistributedInfo` and nothing changes. :class:`ShardedLoader` splits every batch
-of an in-memory :class:`envs.data.BatchLoader` between the ranks: all ranks draw the same shuffled
+of an in-memory :class:`keepgym.envs.data.BatchLoader` between the ranks: all ranks draw the same shuffled
 (and augmented) global batch from identically seeded generators and each keeps its contiguous
 slice, so ``N`` ranks with global batch ``B`` follow the same batch sequence as one process with
 batch ``B`` (DDP's gradient averaging then equals the global-batch mean for equal shards).
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from envs.data import BatchLoader
+from keepgym.envs.data import BatchLoader
 
 __all__ = [
     "DistributedInfo",

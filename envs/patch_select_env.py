@@ -5,7 +5,7 @@ Vision Transformers through Reinforcement Learning", Applied Intelligence 2025) 
 Double-DQN agent jointly: the agent reads the first block's attention and picks which patches the ViT
 sees, so training touches fewer tokens. Here the ViT and its training loop live inside the env and
 one env step is one ViT training step; any discrete-action SB3 agent (DQN, PPO, A2C) or
-``agents.DDQN`` can drive it.
+``keepgym.agents.DDQN`` can drive it.
 
 With ``distributed=True`` (under ``torchrun``) the ViT's training step is data-parallel: every rank
 draws the same seeded global batch and scores all of it (so all ranks observe the same state), commits
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from envs.data import BatchLoader, DatasetSplits, load_dataset
-from envs.distributed import all_reduce_sum, main_first
-from models import create_model, save_model
-from models.vit import ViT, select_random_k, select_topk, vit_cifar
+from keepgym.envs.data import BatchLoader, DatasetSplits, load_dataset
+from keepgym.envs.distributed import all_reduce_sum, main_first
+from keepgym.models import create_model, save_model
+from keepgym.models.vit import ViT, select_random_k, select_topk, vit_cifar
 
 __all__ = ["PatchSelectEnv", "benchmark_vit"]
 
@@ -70,7 +70,7 @@ class PatchSelectEnv(gym.Env):
 
     ## Description
 
-    The env owns a SimpleViT (``models.vit.ViT``), its Adam optimiser and a shuffled, augmented
+    The env owns a SimpleViT (``keepgym.models.vit.ViT``), its Adam optimiser and a shuffled, augmented
     training loader. One step trains the ViT for one step on one mini-batch, keeping only the
     patches the action chooses: dropped tokens are removed by a gather right after the position
     embedding, so every block is cheaper (``info["macs_per_image"]``). The agent's task is to keep
@@ -141,7 +141,7 @@ class PatchSelectEnv(gym.Env):
     ## Arguments
 
     Args:
-        dataset: Dataset name for ``envs.data.load_dataset`` (``digits``, ``synthetic``, ``cifar10``,
+        dataset: Dataset name for ``keepgym.envs.data.load_dataset`` (``digits``, ``synthetic``, ``cifar10``,
             ``fashion_mnist``, ``imagenette``, ...).
         data_root: Folder of real datasets.
         image_size: Resize images to this size (default: the dataset's own).
@@ -526,7 +526,7 @@ class PatchSelectEnv(gym.Env):
         return np.repeat(grey[..., None], 3, axis=2)
 
     def save(self, path: str, **extra: Any) -> None:
-        """Save the ViT with ``models.save_model`` (state_dict + the spec to rebuild it)."""
+        """Save the ViT with ``keepgym.models.save_model`` (state_dict + the spec to rebuild it)."""
         save_model(self._vit, path, **extra)
 
     # ------------------------------------------------------------------ helpers
@@ -534,7 +534,7 @@ class PatchSelectEnv(gym.Env):
         # Initialise from `seed` without touching the global torch RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            # create_model sets `keepgym_spec`, so `save` writes a file `models.load_model` can rebuild.
+            # create_model sets `keepgym_spec`, so `save` writes a file `keepgym.models.load_model` can rebuild.
             vit = create_model("vit_cifar", **self._vit_kwargs)
         return vit.to(self.device)
 
@@ -685,7 +685,7 @@ def benchmark_vit(
 ) -> list[dict[str, float]]:
     """Time ViT training steps and inference at several keep fractions, side by side.
 
-    Builds the CIFAR ViT (``models.vit.vit_cifar``; ``vit_kwargs`` override it), random images and
+    Builds the CIFAR ViT (``keepgym.models.vit.vit_cifar``; ``vit_kwargs`` override it), random images and
     labels, and for each of ``steps`` rounds times one Adam training step and one ``no_grad``
     forward per keep fraction in turn, so drifts in machine load hit every fraction alike. Kept
     patches are a random ``k = round(frac * N)`` per image. Medians are reported.

@@ -6,8 +6,8 @@ a fixed budget of channels, split over the layers by a learned distribution, kee
 with the highest Taylor importance and optionally recovers accuracy by knowledge distillation.
 Here one episode is one compression run and one step is one stage; the action is the split of the
 stage's budget over the model's coupling groups (found by Torch-Pruning's dependency graph, see
-:mod:`envs.pruning`). :meth:`PruneEnv.evaluate` scores a candidate split without committing it, which
-is what RL-Pruner's search (``agents.RLPruner``) does many times per stage.
+:mod:`keepgym.envs.pruning`). :meth:`PruneEnv.evaluate` scores a candidate split without committing it, which
+is what RL-Pruner's search (``keepgym.agents.RLPruner``) does many times per stage.
 
 :func:`profile_evaluate` splits the wall time of one candidate evaluation into importance /
 masking / evaluation / pure forward (``keepgym bench prune-step``).
@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 from gymnasium import spaces
 
-from envs.data import DATASETS, DatasetSplits, load_dataset
-from envs.distill import distill
-from envs.pruning import CRITERIA, GroupPruner, count_macs_params
+from keepgym.envs.data import DATASETS, DatasetSplits, load_dataset
+from keepgym.envs.distill import distill
+from keepgym.envs.pruning import CRITERIA, GroupPruner, count_macs_params
 
 __all__ = [
     "PruneEnv",
@@ -83,7 +83,7 @@ def _train_baseline(
     model: nn.Module, data: DatasetSplits, epochs: int, device: torch.device, seed: int = 0
 ) -> float:
     """A few epochs of SGD (nesterov, cosine) on the train split; returns validation accuracy."""
-    from envs.trainer import Trainer
+    from keepgym.envs.trainer import Trainer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -183,12 +183,12 @@ class PruneEnv(gym.Env):
     and consumers' input slices), from ``calibration_size`` training images with the model in eval
     mode (batch-norm statistics untouched), computed once per stage. ``l1``, ``l2`` and ``random``
     are the alternatives. After the surgery, ``finetune_steps`` knowledge-distillation steps
-    (:func:`envs.distill.distill`, teacher = the original model) can recover accuracy.
+    (:func:`keepgym.envs.distill.distill`, teacher = the original model) can recover accuracy.
 
     ``evaluate(action)`` scores a candidate stage without committing it: it zeroes in place the
     parameters the allocation would remove, evaluates, and restores them bit for bit, so candidates
     cost one forward pass over the validation images and no surgery; their MACs/params come from a
-    closed form (:class:`envs.pruning.CostModel`). ``evaluate_many`` scores a list.
+    closed form (:class:`keepgym.envs.pruning.CostModel`). ``evaluate_many`` scores a list.
 
     ## Action Space
 
@@ -218,7 +218,7 @@ class PruneEnv(gym.Env):
     (channels per group this stage) and ``accuracy_before_finetune``; step adds the closed-form
     ``closed_form_macs`` / ``closed_form_params`` it predicted (equal to the counter's figures), and
     ``finetune_steps_done``, ``finetune_learning_rate`` and ``finetune_diverged``: a NaN/inf KD loss
-    stops that stage's fine-tuning, restores the last good weights (:func:`envs.distill.distill`) and
+    stops that stage's fine-tuning, restores the last good weights (:func:`keepgym.envs.distill.distill`) and
     lowers the fine-tuning learning rate 10x for the rest of the episode (once).
 
     ## Starting State
@@ -234,14 +234,14 @@ class PruneEnv(gym.Env):
 
     ## Arguments
 
-    * ``model_name``: a ``models.create_model`` name (``vgg19``, ``resnet56``, ``googlenet``,
+    * ``model_name``: a ``keepgym.models.create_model`` name (``vgg19``, ``resnet56``, ``googlenet``,
       ``mobilenetv3_large``, ``densenet121``, ``vgg11``, ...).
     * ``dataset`` / ``data_root`` / ``download`` / ``val_size`` / ``train_size``: passed to
-      :func:`envs.data.load_dataset` (split seed 0, as ``keepgym train`` uses, so the validation
+      :func:`keepgym.envs.data.load_dataset` (split seed 0, as ``keepgym train`` uses, so the validation
       images were never trained on). ``eval_size``: score on this many validation images (a
       seeded subset; None = all).
-    * ``checkpoint``: a ``models.save_model`` file of ``model_name`` (another model is a
-      ``ValueError``; unreadable or foreign files raise ``models.ModelLoadError``). Without it and
+    * ``checkpoint``: a ``keepgym.models.save_model`` file of ``model_name`` (another model is a
+      ``ValueError``; unreadable or foreign files raise ``keepgym.models.ModelLoadError``). Without it and
       with ``pretrained=True`` the baseline is read from :func:`default_checkpoint_path`; for
       ``digits``/``synthetic`` it is trained (``baseline_epochs``) and cached there on first use, for
       other datasets a ``FileNotFoundError`` prints the ``keepgym train`` command that makes it.
@@ -254,7 +254,7 @@ class PruneEnv(gym.Env):
       ``kd_weight``: its settings.
     * ``min_channels`` (1), ``round_to`` (1): width floor and multiple per group.
     * ``batch_size``: evaluation and fine-tuning batch size. ``device``: ``cpu`` / ``cuda`` / ``auto``.
-    * ``model``, ``data``: inject a model / :class:`envs.data.DatasetSplits` instead (tests).
+    * ``model``, ``data``: inject a model / :class:`keepgym.envs.data.DatasetSplits` instead (tests).
     * ``render_mode``: ``None``, ``"ansi"`` (a text summary of the stage) or ``"rgb_array"`` (a bar
       chart of the per-group sparsity; SB3's ``make_vec_env`` asks for it by default).
 
@@ -339,7 +339,7 @@ class PruneEnv(gym.Env):
         self.device = torch.device(device)
 
         if model is None:
-            from models import list_models
+            from keepgym.models import list_models
 
             if model_name not in list_models():
                 raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(list_models())}")
@@ -459,8 +459,7 @@ class PruneEnv(gym.Env):
     def _build_model(
         self, model, model_name, checkpoint, pretrained, width_mult, baseline_epochs
     ) -> nn.Module:
-        import models
-
+        import keepgym.models as models
         if model is not None:
             return copy.deepcopy(model)
         if checkpoint is not None:
@@ -529,7 +528,7 @@ class PruneEnv(gym.Env):
 
     @property
     def groups(self) -> list:
-        """The :class:`envs.pruning.ChannelGroup` objects (root layer, member layers, width)."""
+        """The :class:`keepgym.envs.pruning.ChannelGroup` objects (root layer, member layers, width)."""
         return self._pruner.groups
 
     @property
@@ -794,13 +793,13 @@ class PruneEnv(gym.Env):
 
         Args:
             actions: candidate actions.
-            backend: ``"serial"``, ``"ray"`` (:class:`envs.ray_backend.RayBackend`, needs
+            backend: ``"serial"``, ``"ray"`` (:class:`keepgym.envs.ray_backend.RayBackend`, needs
                 ``pip install -e .[ray]``) or one added by :func:`register_evaluate_backend`.
             workers: parallelism hint for the backend.
         """
         self._require_started()
         if backend == "ray" and backend not in _EVALUATE_BACKENDS:
-            import envs.ray_backend  # noqa: F401  (registers "ray"; Ray itself is imported on first use)
+            import keepgym.envs.ray_backend  # noqa: F401  (registers "ray"; Ray itself is imported on first use)
         if backend not in _EVALUATE_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(sorted(_EVALUATE_BACKENDS))}")
         checked = [self._check_action(a) for a in actions]
@@ -824,8 +823,8 @@ class PruneEnv(gym.Env):
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike, **extra: Any) -> Path:
-        """Write the current (pruned) model with ``models.save_model`` (state dict + widths)."""
-        from models import save_model
+        """Write the current (pruned) model with ``keepgym.models.save_model`` (state dict + widths)."""
+        from keepgym.models import save_model
 
         return save_model(
             self.model,
@@ -945,7 +944,7 @@ def _bar_image(values: np.ndarray, height: int = 64, bar: int = 6) -> np.ndarray
 
 
 def _classifier(model: nn.Module) -> nn.Linear:
-    from models import get_classifier
+    from keepgym.models import get_classifier
 
     return get_classifier(model)
 

@@ -7,7 +7,7 @@ concatenations, squeeze-excite gates, depthwise convs) are found here by Torch-P
 *coupling group* is one output-channel index space shared by one or more conv / linear layers, the
 batch norms behind them and the in-channel slices of their consumers.
 
-:class:`GroupPruner` offers what :class:`envs.prune_env.PruneEnv` needs, in three speeds:
+:class:`GroupPruner` offers what :class:`keepgym.envs.prune_env.PruneEnv` needs, in three speeds:
 
 * :meth:`GroupPruner.importance` scores every channel of every group once per stage (Taylor
   ``|w * dL/dw|``, ``l1``, ``l2`` or ``random``), summed over all parameters the group would remove;
@@ -117,8 +117,8 @@ class ChannelGroup:
 
 
 def count_macs_params(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
-    """MACs and parameters of ``model`` at ``input_size``: ``envs.metrics.count_macs_params``."""
-    from envs.metrics import count_macs_params as counter
+    """MACs and parameters of ``model`` at ``input_size``: ``keepgym.envs.metrics.count_macs_params``."""
+    from keepgym.envs.metrics import count_macs_params as counter
 
     macs, params = counter(model, tuple(input_size))
     return int(macs), int(params)

@@ -1,4 +1,4 @@
-"""Ray backend of :meth:`envs.prune_env.PruneEnv.evaluate_many`: candidates scored by an ``ActorPool``.
+"""Ray backend of :meth:`keepgym.envs.prune_env.PruneEnv.evaluate_many`: candidates scored by an ``ActorPool``.
 
 RL-Pruner's search (arXiv 2411.06463) scores ``K x E`` candidate allocations per stage, each one a
 forward pass of the masked model over the validation images. :class:`RayBackend` spreads them over
@@ -12,7 +12,7 @@ identical to the ``serial`` backend's for the same candidates (same device and t
 Use it with ``env.evaluate_many(actions, backend="ray", workers=N)`` (local Ray, started on first
 use) or, for a cluster, register a configured backend first::
 
-    from envs.ray_backend import register_ray_backend
+    from keepgym.envs.ray_backend import register_ray_backend
     register_ray_backend(address="ray://head:10001", num_gpus=0.25)   # 4 evaluators per GPU
     env.evaluate_many(actions, backend="ray", workers=16)
 
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from envs.prune_env import PruneEnv, WallTimes, _accuracy, _classifier, register_evaluate_backend
-from envs.pruning import GroupPruner
+from keepgym.envs.prune_env import PruneEnv, WallTimes, _accuracy, _classifier, register_evaluate_backend
+from keepgym.envs.pruning import GroupPruner
 
 __all__ = ["RAY_INSTALL_HINT", "RayBackend", "benchmark_ray_search", "register_ray_backend"]
 
@@ -262,7 +262,7 @@ def register_ray_backend(
     is shut down. Returns the new backend (call ``.shutdown()`` when done).
     """
     _import_ray()
-    from envs import prune_env
+    from keepgym.envs import prune_env
 
     old = prune_env._EVALUATE_BACKENDS.get(name)
     if isinstance(old, RayBackend):
@@ -291,7 +291,7 @@ def benchmark_ray_search(workers: int = 2, candidates: int = 20, quick: bool = F
     """
     import os
 
-    from envs.data import load_dataset
+    from keepgym.envs.data import load_dataset
 
     _import_ray()  # fail early with the install hint
     width, n_val, n_cand = (0.25, 200, min(candidates, 6)) if quick else (0.5, 500, candidates)

@@ -5,7 +5,7 @@ Used by ``keepgym train`` and by ``RLPrune-Digits-v0`` to build its small baseli
 ``state_dict()`` taken after any epoch resumes to exactly the result of an uninterrupted run.
 
 Under ``torchrun`` (``distributed=True``) the model is wrapped in ``DistributedDataParallel`` and
-every rank trains on its slice of each global batch (:class:`envs.distributed.ShardedLoader`). On
+every rank trains on its slice of each global batch (:class:`keepgym.envs.distributed.ShardedLoader`). On
 CUDA, ``amp`` runs forward passes under bf16 autocast and CNNs use ``channels_last``; the hot loop
 keeps loss and accuracy sums on the device and checks for NaN only every few steps, so it does not
 wait for the GPU after each batch.
@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from envs.data import BatchLoader, DatasetSplits
-from envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
-from envs.metrics import evaluate_accuracy
+from keepgym.envs.data import BatchLoader, DatasetSplits
+from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
+from keepgym.envs.metrics import evaluate_accuracy
 
 __all__ = ["Trainer", "EpochStats"]
 
@@ -73,7 +73,7 @@ class Trainer:
         device: torch device.
         seed: seeds data order, augmentation and dropout.
         distributed: train with ``DistributedDataParallel`` over the open process group (see
-            :func:`envs.distributed.init_distributed`); ``batch_size`` is then the global batch, split
+            :func:`keepgym.envs.distributed.init_distributed`); ``batch_size`` is then the global batch, split
             between the ranks, so N ranks follow the single-process batch sequence. Every rank must
             build its Trainer identically and call :meth:`train_epoch` together.
         amp: bf16 autocast for forward passes and evaluation on CUDA (ignored on CPU).

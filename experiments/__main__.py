@@ -1,7 +1,7 @@
-"""``python -m experiments`` is the ``keepgym`` command."""
+"""``python -m keepgym.experiments`` is the ``keepgym`` command."""
 
 import sys
 
-from experiments.cli import main
+from keepgym.experiments.cli import main
 
 sys.exit(main())

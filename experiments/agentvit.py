@@ -5,7 +5,7 @@
 
 One ``PatchSelectEnv`` step is one ViT training step on one mini-batch, with the patches the agent
 chooses (AgentViT; Cauteruccio et al., Applied Intelligence 2025); an epoch is an episode. The agent
-(``agents.DDQN`` by default, or SB3's DQN, PPO, A2C) is trained by its own ``learn`` loop, which
+(``keepgym.agents.DDQN`` by default, or SB3's DQN, PPO, A2C) is trained by its own ``learn`` loop, which
 drives the env, so ViT and agent learn jointly and online. Warm-up epochs (all patches, nothing for
 the agent to learn) are run inside the env wrapper's ``reset``, so the agent only ever stores
 transitions that carry a reward.
@@ -27,9 +27,9 @@ training batch size; ``macs_per_image`` counts the forward pass plus the scoring
 selection needs scores (``agent``, ``topk``), with both parts also given separately.
 
 Outputs in ``--out``: ``summary.json``, ``config.json``, ``agent.zip``, ``vit.pt`` (the joint ViT,
-:func:`models.save_model`, with the selection settings ``keepgym evaluate --vit`` needs),
+:func:`keepgym.models.save_model`, with the selection settings ``keepgym evaluate --vit`` needs),
 ``baseline_vit.pt`` (with ``--baseline``), ``patches.png``, TensorBoard events (agent logs,
-``env/*`` from :class:`agents.callbacks.EnvInfoCallback`, ``eval/*`` per epoch) and
+``env/*`` from :class:`keepgym.agents.callbacks.EnvInfoCallback`, ``eval/*`` per epoch) and
 ``checkpoint/`` (after every epoch: ViT, optimiser, env and RNG states, agent zip and replay
 buffer), from which ``--resume`` continues.
 
@@ -62,9 +62,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
-from envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, is_main_process, main_first
-from experiments.common import (
+from keepgym.envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
+from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, is_main_process, main_first
+from keepgym.experiments.common import (
     CliError,
     arg,
     atomic_torch_save,
@@ -239,7 +239,7 @@ def validate(cfg: AgentViTConfig) -> None:
 
 def _vit_dims(preset: str) -> dict[str, int]:
     """Width, depth and heads of a ViT preset, as ``PatchSelectEnv`` keyword arguments."""
-    from models import create_model
+    from keepgym.models import create_model
 
     vit = create_model(preset, num_classes=2, in_chans=1, image_size=8, patch_size=4)
     return dict(dim=vit.dim, depth=vit.depth, heads=vit.heads, mlp_dim=vit.mlp_dim, dim_head=vit.dim_head)
@@ -364,7 +364,7 @@ class _JointTraining(gym.Wrapper):
 # --------------------------------------------------------------------------- agents
 def _agent_class(algo: str) -> type:
     if algo == "ddqn":
-        from agents.ddqn import DDQN
+        from keepgym.agents.ddqn import DDQN
 
         return DDQN
     import stable_baselines3 as sb3
@@ -420,7 +420,7 @@ def _observation(scores: torch.Tensor, state: str) -> np.ndarray:
 
 def _agent_chooser(agent: Any, action_mode: str, keep_counts: tuple[int, ...], state: str) -> Callable:
     """``(scores) -> kept indices or None``: the agent's choice, applied as ``PatchSelectEnv.step`` does."""
-    from models.vit import select_topk
+    from keepgym.models.vit import select_topk
 
     def choose(scores: torch.Tensor) -> torch.Tensor | None:
         obs = _observation(scores, state)
@@ -460,7 +460,7 @@ def evaluate_selection(
     """Accuracy, MACs and images/s of ``vit`` on ``split`` with patches chosen by ``choose``.
 
     Args:
-        vit: A ``models.vit.ViT``.
+        vit: A ``keepgym.models.vit.ViT``.
         data: The dataset.
         split: ``"test"``, ``"val"`` or ``"train"``.
         choose: ``scores (B, N) -> kept indices (B, k) / (k,)`` or None (all patches); None keeps all.
@@ -615,7 +615,7 @@ def _patches_figure(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from models.vit import select_topk
+    from keepgym.models.vit import select_topk
 
     x_u8, y = data.split("test")
     x_u8, y = x_u8[: cfg.batch_size], y[: cfg.batch_size]
@@ -682,7 +682,7 @@ def _patches_figure(
 
 # --------------------------------------------------------------------------- training
 def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device, distributed: bool = False) -> Any:
-    from envs.patch_select_env import PatchSelectEnv
+    from keepgym.envs.patch_select_env import PatchSelectEnv
 
     try:
         return PatchSelectEnv(
@@ -898,8 +898,8 @@ def _train(
 ) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
-    from agents.callbacks import EnvInfoCallback
-    from models import load_model_with_extra, save_model
+    from keepgym.agents.callbacks import EnvInfoCallback
+    from keepgym.models import load_model_with_extra, save_model
 
     dist_info = dist_info or DistributedInfo(device=str(device))
     main = dist_info.is_main
@@ -1049,7 +1049,7 @@ def _final_report(
     device: torch.device,
 ) -> dict[str, Any]:
     """The four (five) ways on the test split, side by side, plus validation accuracies."""
-    from models.vit import select_random_k, select_topk
+    from keepgym.models.vit import select_random_k, select_topk
 
     common = dict(
         data=data,
@@ -1161,13 +1161,13 @@ def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
     ViT was trained and validated on; ``--dataset`` must name the same dataset.
 
     Args:
-        cfg: ``experiments.evaluate.EvaluateConfig`` (``vit``, ``agent``, ``dataset``, ``split``,
+        cfg: ``keepgym.experiments.evaluate.EvaluateConfig`` (``vit``, ``agent``, ``dataset``, ``split``,
             ``batch_size``, ``device``, ``out``, ``data_root``).
 
     Returns:
         ``{"agent": {...}, "full": {...}, ...}`` with accuracy, MACs, images/s and kept patches.
     """
-    from models import load_model_with_extra
+    from keepgym.models import load_model_with_extra
 
     if cfg.agent is None:
         raise CliError("--vit needs --agent AGENT.zip (saved by `keepgym agentvit`)")
@@ -1278,8 +1278,8 @@ def benchmark_agentvit(
     """
     from stable_baselines3.common.logger import configure
 
-    from agents.ddqn import DDQN
-    from envs.patch_select_env import PatchSelectEnv
+    from keepgym.agents.ddqn import DDQN
+    from keepgym.envs.patch_select_env import PatchSelectEnv
 
     dev = torch.device(resolve_device(device))
     preset, batch, train_size = ("vit_tiny", 32, 200) if quick else ("vit_cifar", 128, 1500)

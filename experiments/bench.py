@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiments.common import CliError, arg, machine_info, write_json
+from keepgym.experiments.common import CliError, arg, machine_info, write_json
 
 __all__ = ["BenchConfig", "run", "bench_data", "COMMAND", "DESCRIPTION", "Config"]
 
@@ -90,8 +90,8 @@ def _median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 def bench_data(device: str = "cpu", quick: bool = False, repeats: int = 5) -> dict:
     """Loader cost vs one training step of vgg11 (width 0.25) on synthetic 32x32, batch 128."""
-    from envs.data import BatchLoader, load_dataset
-    from models import create_model
+    from keepgym.envs.data import BatchLoader, load_dataset
+    from keepgym.models import create_model
 
     n = 512 if quick else 4096
     data = load_dataset("synthetic", train_size=n + n // 8, val_size=n // 8)
@@ -136,8 +136,8 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
     """``PruneEnv.evaluate`` on VGG-19 (width 1.0, 1,000 validation images; quick: width 0.25, 200)."""
     import numpy as np
 
-    from envs.data import load_dataset
-    from envs.prune_env import PruneEnv, profile_evaluate
+    from keepgym.envs.data import load_dataset
+    from keepgym.envs.prune_env import PruneEnv, profile_evaluate
 
     width, images = (0.25, 200) if quick else (1.0, 1000)
     data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
@@ -166,7 +166,7 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
 
 
 def _bench_vit(device: str, quick: bool, repeats: int) -> dict:
-    from envs.patch_select_env import benchmark_vit
+    from keepgym.envs.patch_select_env import benchmark_vit
 
     if quick:
         rows = benchmark_vit(batch_size=32, steps=2, device=device, preset="vit_small")
@@ -183,9 +183,9 @@ def _bench_prune(device: str, quick: bool, repeats: int) -> dict:
     """
     import numpy as np
 
-    from agents import RLPruner
-    from envs.data import load_dataset
-    from envs.prune_env import PruneEnv
+    from keepgym.agents import RLPruner
+    from keepgym.envs.data import load_dataset
+    from keepgym.envs.prune_env import PruneEnv
 
     width, images = (0.25, 200) if quick else (1.0, 1000)
     data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
@@ -223,14 +223,14 @@ def _bench_prune(device: str, quick: bool, repeats: int) -> dict:
 
 
 def _bench_agentvit(device: str, quick: bool, repeats: int) -> dict:
-    from experiments.agentvit import benchmark_agentvit
+    from keepgym.experiments.agentvit import benchmark_agentvit
 
     return benchmark_agentvit(device=device, quick=quick)
 
 
 def _bench_ray(device: str, quick: bool, repeats: int) -> dict:
     try:
-        from envs.ray_backend import benchmark_ray_search
+        from keepgym.envs.ray_backend import benchmark_ray_search
     except ImportError as err:
         raise CliError(f"{err}; install the extra with: pip install -e .[ray]") from None
     return {"benchmark": "ray", **benchmark_ray_search(workers=2, candidates=8 if quick else 20, quick=quick)}
@@ -248,7 +248,7 @@ _RUNNERS = {
 
 def run(cfg: BenchConfig) -> dict:
     """Run the chosen benchmarks; each writes ``OUT/<name>.json``; returns them all."""
-    from experiments.common import resolve_device
+    from keepgym.experiments.common import resolve_device
 
     if cfg.repeats < 1:
         raise CliError(f"--repeats must be >= 1, got {cfg.repeats}")

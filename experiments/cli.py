@@ -12,17 +12,17 @@ import importlib
 import logging
 import sys
 
-from experiments.common import CliError, add_config_arguments, config_from_args
+from keepgym.experiments.common import CliError, add_config_arguments, config_from_args
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 COMMANDS = (
-    "experiments.train",
-    "experiments.prune",
-    "experiments.agentvit",
-    "experiments.evaluate",
-    "experiments.bench",
-    "experiments.demo",
+    "keepgym.experiments.train",
+    "keepgym.experiments.prune",
+    "keepgym.experiments.agentvit",
+    "keepgym.experiments.evaluate",
+    "keepgym.experiments.bench",
+    "keepgym.experiments.demo",
 )
 
 
@@ -44,6 +44,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         description="Reinforcement learning that decides what a vision model keeps: "
         "RL-Pruner (CNN channel pruning) and AgentViT (ViT patch selection).",
     )
+    from keepgym import __version__
+
+    parser.add_argument("--version", action="version", version=f"keepgym {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     table = {}
@@ -69,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     mod = table[args.command]
-    from envs.data import DatasetNotFoundError
+    from keepgym.envs.data import DatasetNotFoundError
 
     user_errors: tuple[type[BaseException], ...] = (CliError, DatasetNotFoundError)
     try:
-        from models.serialization import ModelLoadError
+        from keepgym.models.serialization import ModelLoadError
 
         user_errors += (ModelLoadError,)
     except ImportError:  # pragma: no cover

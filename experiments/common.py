@@ -59,9 +59,33 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _with_default(help_text: str, default: Any) -> str:
+    """``help_text`` plus ``(default: X)``, unless the text already says what the default is."""
+    if "default:" in help_text:
+        return help_text
+    if default is None:
+        return help_text
+    return f"{help_text} (default: {default})"
+
+
+class _ListModels(argparse.Action):
+    """``--list-models``: print the model names ``--model`` accepts and exit (like ``--version``)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from keepgym.models import list_models
+
+        print("\n".join(list_models()))
+        parser.exit()
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one ``--flag`` per field of the dataclass ``cls`` (bools become on/off switches)."""
     hints = typing.get_type_hints(cls)
+    if "model" in hints:
+        parser.add_argument("--list-models", action=_ListModels, help="print the model names --model accepts and exit")
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
             continue
@@ -76,7 +100,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if typing.get_origin(tp) is tuple:
             inner = typing.get_args(tp)[0]
-            parser.add_argument(flag, type=inner, nargs="+", default=default, help=help_text + f" (default: {default})")
+            parser.add_argument(flag, type=inner, nargs="+", default=default, help=_with_default(help_text, default))
             continue
         kwargs: dict[str, Any] = {"type": tp if tp in (int, float) else str, "help": help_text}
         if meta.get("choices"):
@@ -85,7 +109,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
-            kwargs["help"] = f"{help_text} (default: {default})"
+            kwargs["help"] = _with_default(help_text, default)
         parser.add_argument(flag, **kwargs)
 
 
@@ -174,7 +198,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` atomically (temp file + fsync + rename): a kill never leaves half a checkpoint."""
-    from models.serialization import atomic_save
+    from keepgym.models.serialization import atomic_save
 
     atomic_save(obj, path)
 

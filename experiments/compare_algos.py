@@ -1,7 +1,7 @@
 """PPO vs RLPruner vs uniform on ``RLPrune-Digits-v0`` at the same number of validation evaluations.
 
-    python -m experiments.compare_algos        # sparsity 0.5, stage 0.1, K x E = 4 x 2, seeds 0 1 2
-    python -m experiments.compare_algos --seeds 0 --sample-num 8 --rounds 4
+    python -m keepgym.experiments.compare_algos        # sparsity 0.5, stage 0.1, K x E = 4 x 2, seeds 0 1 2
+    python -m keepgym.experiments.compare_algos --seeds 0 --sample-num 8 --rounds 4
 
 Every algorithm is driven by the same three lines (``gym.make`` / ``Algo("MlpPolicy", env, seed=s)`` /
 ``learn(timesteps)``) on the registered env (a trained VGG-11 at width 0.25 on ``digits``, cached under
@@ -37,9 +37,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import envs  # noqa: F401 - registers the env ids
-from envs.metrics import evaluate_accuracy
-from experiments.common import add_config_arguments, arg, config_from_args, write_json
+import keepgym  # noqa: F401 - registers the env ids
+from keepgym.envs.metrics import evaluate_accuracy
+from keepgym.experiments.common import add_config_arguments, arg, config_from_args, write_json
 
 __all__ = ["CompareConfig", "compare", "format_markdown", "main"]
 
@@ -101,11 +101,11 @@ class _Budget(gym.Wrapper):
 def _algo(name: str, cfg: CompareConfig, num_stages: int, budget: int) -> tuple[type, dict[str, Any], int]:
     """(class, hyper-parameters, timesteps) of ``name``; PPO's timesteps: ``budget`` in whole episodes."""
     if name == "rlpruner":
-        from agents.rl_pruner import RLPruner
+        from keepgym.agents.rl_pruner import RLPruner
 
         return RLPruner, dict(sample_num=cfg.sample_num, rounds_per_stage=cfg.rounds), num_stages
     if name == "uniform":
-        from agents.baselines import UniformPruner
+        from keepgym.agents.baselines import UniformPruner
 
         return UniformPruner, {}, num_stages
     if name == "ppo":
@@ -210,7 +210,7 @@ def format_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the comparison, write ``results.json`` and ``table.md``, print the table."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.compare_algos", description=__doc__.split("\n")[0]
+        prog="python -m keepgym.experiments.compare_algos", description=__doc__.split("\n")[0]
     )
     add_config_arguments(parser, CompareConfig)
     cfg = config_from_args(CompareConfig, parser.parse_args(argv))

@@ -1,10 +1,10 @@
 """Compare pruning agents at equal settings: several algorithms x seeds, one table (mean +- std).
 
-    python -m experiments.compare_prune --model vgg11 --dataset digits --width-mult 0.25 \\
+    python -m keepgym.experiments.compare_prune --model vgg11 --dataset digits --width-mult 0.25 \\
         --checkpoint runs/base_vgg11/model.pt --sparsity 0.5 --stage-sparsity 0.1 \\
         --algos rlpruner uniform global --seeds 0 1 2 --out-root runs/compare
 
-Every run is one :func:`experiments.prune.compress` with the same stage size, KD budget and data; only
+Every run is one :func:`keepgym.experiments.prune.compress` with the same stage size, KD budget and data; only
 ``algo`` and ``seed`` change. Runs already finished in ``out_root`` are read back, not redone, so an
 interrupted comparison continues where it stopped. :func:`compare` is what the demo reuses.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.prune import PruneConfig, compress
+from keepgym.experiments.prune import PruneConfig, compress
 
 __all__ = ["compare", "aggregate", "format_markdown", "latency_speedups", "main"]
 
@@ -106,8 +106,8 @@ def latency_speedups(
     """
     import torch
 
-    from envs.metrics import measure_latency
-    from models import load_model
+    from keepgym.envs.metrics import measure_latency
+    from keepgym.models import load_model
 
     paths = [Path(baseline), *[Path(p) for p in compressed]]
     models = [load_model(p).to(device).eval() for p in paths]
@@ -168,9 +168,9 @@ def format_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m experiments.compare_prune``: run the grid and print/write the table."""
+    """``python -m keepgym.experiments.compare_prune``: run the grid and print/write the table."""
     p = argparse.ArgumentParser(
-        prog="python -m experiments.compare_prune", description=__doc__.splitlines()[0]
+        prog="python -m keepgym.experiments.compare_prune", description=__doc__.splitlines()[0]
     )
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True)

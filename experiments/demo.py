@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.common import CliError, arg, prepare_run_dir, resolve_device, write_json
+from keepgym.experiments.common import CliError, arg, prepare_run_dir, resolve_device, write_json
 
 __all__ = ["DemoConfig", "run", "COMMAND", "DESCRIPTION", "Config"]
 
@@ -93,8 +93,8 @@ def _say(text: str) -> None:
 
 
 def _train_baseline(cfg: DemoConfig, out: Path) -> dict:
-    from experiments.train import TrainConfig
-    from experiments.train import run as train
+    from keepgym.experiments.train import TrainConfig
+    from keepgym.experiments.train import run as train
 
     return train(
         TrainConfig(
@@ -113,7 +113,7 @@ def _train_baseline(cfg: DemoConfig, out: Path) -> dict:
 
 
 def _compress(cfg: DemoConfig, out: Path, algo: str) -> dict:
-    from experiments.prune import PruneConfig, compress
+    from keepgym.experiments.prune import PruneConfig, compress
 
     return compress(
         PruneConfig(
@@ -139,7 +139,7 @@ def _compress(cfg: DemoConfig, out: Path, algo: str) -> dict:
 
 
 def _agentvit(cfg: DemoConfig, out: Path) -> dict:
-    from experiments.agentvit import AgentViTConfig, train_agentvit
+    from keepgym.experiments.agentvit import AgentViTConfig, train_agentvit
 
     return train_agentvit(
         AgentViTConfig(

@@ -4,10 +4,10 @@
     keepgym evaluate --checkpoint runs/base/model.pt --dataset cifar100 --split val --out eval.json
 
 Prints a small table and, with ``--out``, writes the same figures as JSON. The model file is read
-with ``torch.load(weights_only=True)`` (through :func:`models.load_model`); a truncated file, a file
+with ``torch.load(weights_only=True)`` (through :func:`keepgym.models.load_model`); a truncated file, a file
 that is not a keepgym model or a model that does not fit the dataset ends with one clear line.
 
-Second mode (AgentViT): ``--vit`` hands the whole config to ``experiments.agentvit.evaluate_agentvit``
+Second mode (AgentViT): ``--vit`` hands the whole config to ``keepgym.experiments.agentvit.evaluate_agentvit``
 (see :func:`run`); that function owns its flags' meaning.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from envs.data import DATASETS
-from experiments.common import CliError, arg, resolve_device, write_json
+from keepgym.envs.data import DATASETS
+from keepgym.experiments.common import CliError, arg, resolve_device, write_json
 
 __all__ = ["COMMAND", "DESCRIPTION", "Config", "EvaluateConfig", "evaluate_model", "run", "format_table"]
 
@@ -89,7 +89,7 @@ def evaluate_model(
 
     Args:
         model: A classifier (moved to ``device``).
-        data: :class:`envs.data.DatasetSplits`.
+        data: :class:`keepgym.envs.data.DatasetSplits`.
         split: ``test``, ``val`` or ``train``.
         device: Torch device.
         batch_size: Evaluation batch size.
@@ -98,7 +98,7 @@ def evaluate_model(
     Returns:
         ``{"accuracy", "macs", "params", "latency_ms_b1", "latency_ms_b64", "images_per_second_b64"}``.
     """
-    from envs.metrics import count_macs_params, evaluate_accuracy, measure_latency
+    from keepgym.envs.metrics import count_macs_params, evaluate_accuracy, measure_latency
 
     model = model.to(device).eval()
     x, y = data.split(split)
@@ -146,9 +146,9 @@ def format_table(rows: dict[str, Any]) -> str:
 def _agentvit_mode(cfg: EvaluateConfig) -> dict:
     """Dispatch to the AgentViT evaluator (lives in experiments/agentvit.py)."""
     try:
-        module = importlib.import_module("experiments.agentvit")
+        module = importlib.import_module("keepgym.experiments.agentvit")
     except ModuleNotFoundError as err:
-        if err.name != "experiments.agentvit":
+        if err.name != "keepgym.experiments.agentvit":
             raise
         module = None
     fn = getattr(module, "evaluate_agentvit", None)
@@ -164,8 +164,8 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.vit is not None:
         return _agentvit_mode(cfg)
     validate(cfg)
-    from envs.data import load_dataset
-    from models import load_model
+    from keepgym.envs.data import load_dataset
+    from keepgym.models import load_model
 
     device = resolve_device(cfg.device)
     data = load_dataset(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed)

@@ -4,7 +4,7 @@
     keepgym prune --model vgg11 --dataset digits --width-mult 0.25 --checkpoint runs/base_vgg11/model.pt \\
         --sparsity 0.5 --stage-sparsity 0.1 --algo rlpruner --out runs/prune_vgg11
 
-One run = one episode of :class:`envs.prune_env.PruneEnv`: the agent commits one pruning *stage* per
+One run = one episode of :class:`keepgym.envs.prune_env.PruneEnv`: the agent commits one pruning *stage* per
 timestep until ``--sparsity`` of the prunable channels are gone. After every stage the pruned model is
 distilled from the teacher for ``--finetune-epochs`` epochs of the training split (the best epoch on the
 *validation* split is kept); the teacher is the unpruned model, replaced by the pruned one whenever the
@@ -14,7 +14,7 @@ scored once, at the very end, for the baseline and for the compressed model.
 
 Outputs in ``--out``:
 
-* ``compressed.pt``: the compressed model (:func:`models.save_model`; ``torch.load(weights_only=True)``);
+* ``compressed.pt``: the compressed model (:func:`keepgym.models.save_model`; ``torch.load(weights_only=True)``);
 * ``summary.json``: ``baseline`` and ``final`` blocks (val/test accuracy, MACs, params, latency at batch
   1 and 64 measured side by side in this process), ratios, sparsity, per-group widths, per-stage history,
   number of candidate evaluations, wall time;
@@ -26,7 +26,7 @@ Outputs in ``--out``:
   (timings aside) as an uninterrupted run with the same seed.
 
 Under ``torchrun --nproc-per-node N`` (``gloo`` on CPU, ``nccl`` on GPU) the KD fine-tunes are
-data-parallel (:func:`envs.distill.distill` with ``distributed=True``: each rank distils on its slice of
+data-parallel (:func:`keepgym.envs.distill.distill` with ``distributed=True``: each rank distils on its slice of
 every ``--kd-batch-size`` global batch, gradients all-reduced by DistributedDataParallel). The pruning
 search is not split: every rank runs the same seeded search on the same model, and the env draws the
 same Taylor calibration batch on every rank (from its seeded ``np_random``), so the importance needs no
@@ -63,8 +63,8 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from envs.data import DATASETS
-from envs.distributed import (
+from keepgym.envs.data import DATASETS
+from keepgym.envs.distributed import (
     DistributedInfo,
     all_gather_objects,
     cleanup_distributed,
@@ -72,7 +72,7 @@ from envs.distributed import (
     is_main_process,
     main_first,
 )
-from experiments.common import (
+from keepgym.experiments.common import (
     CliError,
     arg,
     atomic_torch_save,
@@ -142,7 +142,7 @@ class PruneConfig:
     calibration_size: int = arg(128, help="training images of the Taylor importance pass")
     eval_size: int | None = arg(None, help="score candidates on this many validation images (default: all)")
     backend: str = arg("serial", help=f"candidate evaluation backend: {', '.join(BACKENDS)}")
-    workers: int = arg(1, help="candidate evaluation workers (process/ray backends)")
+    workers: int = arg(1, help="candidate evaluation workers (--backend ray)")
     ray_address: str | None = arg(None, help="--backend ray: cluster address for ray.init (default: local Ray)")
     ray_gpus_per_worker: float = arg(0.0, help="--backend ray: GPUs per evaluator actor (0.25: four per GPU)")
     episodes: int = arg(1, help="ppo/sac/a2c: training episodes (the best one on validation is kept)")
@@ -168,11 +168,11 @@ Config = PruneConfig
 
 def validate(cfg: PruneConfig) -> None:
     """Check every setting before any work starts; raise :class:`CliError` with the valid choices."""
-    import envs  # noqa: F401  (registers the env ids)
-    from envs import PRUNE_ENV_IDS
+    import keepgym  # noqa: F401  (registers the env ids)
+    from keepgym.envs import PRUNE_ENV_IDS
 
     if cfg.env is not None:
-        if cfg.env.removeprefix("envs:") not in PRUNE_ENV_IDS:
+        if cfg.env.removeprefix("keepgym:") not in PRUNE_ENV_IDS:
             raise CliError(f"unknown env {cfg.env!r}; valid envs: {', '.join(PRUNE_ENV_IDS)}")
     else:
         missing = [f"--{k}" for k in ("model", "dataset", "checkpoint") if getattr(cfg, k) is None]
@@ -180,7 +180,7 @@ def validate(cfg: PruneConfig) -> None:
             raise CliError(
                 f"give --env ID or all of --model, --dataset and --checkpoint (missing {', '.join(missing)})"
             )
-        from models import list_models
+        from keepgym.models import list_models
 
         cnns = [m for m in list_models() if not m.startswith("vit")]
         if cfg.model not in cnns:
@@ -276,8 +276,8 @@ def _env_kwargs(cfg: PruneConfig, device: str) -> dict[str, Any]:
 
 
 def _make_env(cfg: PruneConfig, device: str) -> gym.Env:
-    import envs  # noqa: F401
-    from envs import prune_env
+    import keepgym  # noqa: F401
+    from keepgym.envs import prune_env
 
     kwargs = _env_kwargs(cfg, device)
     try:
@@ -289,7 +289,7 @@ def _make_env(cfg: PruneConfig, device: str) -> gym.Env:
         raise CliError(" ".join(str(err).split())) from None
     if cfg.backend == "ray":
         try:
-            from envs.ray_backend import register_ray_backend
+            from keepgym.envs.ray_backend import register_ray_backend
 
             register_ray_backend(cfg.ray_address, cfg.workers, num_gpus=cfg.ray_gpus_per_worker)
         except ImportError as err:
@@ -384,7 +384,7 @@ def _kd_epochs(
 ) -> tuple[float, list[dict]]:
     """Distil ``student`` for ``epochs`` epochs (one cosine over all of them); keep the best validation epoch.
 
-    Each epoch is one :func:`envs.distill.distill` call with its own seed and the slice of the global
+    Each epoch is one :func:`keepgym.envs.distill.distill` call with its own seed and the slice of the global
     cosine schedule, so a run resumed between epochs is bit-identical. The student ends with the weights
     of its best validation epoch (or its entry weights, if no epoch beat ``best``).
 
@@ -398,8 +398,8 @@ def _kd_epochs(
     Returns:
         (best validation accuracy, per-epoch records).
     """
-    from envs.distill import distill
-    from envs.metrics import evaluate_accuracy
+    from keepgym.envs.distill import distill
+    from keepgym.envs.metrics import evaluate_accuracy
 
     steps = max(1, math.ceil(len(data.train_y) / batch_size))
     min_lr = 1e-6
@@ -470,7 +470,7 @@ class _StageRecovery(gym.Wrapper):
         self.episode = 0
 
     def _val(self, model: torch.nn.Module) -> float:
-        from envs.metrics import evaluate_accuracy
+        from keepgym.envs.metrics import evaluate_accuracy
 
         return evaluate_accuracy(
             model, self.data.val_x, self.data.val_y, self.data.normalize, device=self.device
@@ -691,7 +691,7 @@ class _StageCheckpoint(BaseCallback):
         self.bar = bar
 
     def _on_step(self) -> bool:
-        from models import save_model
+        from keepgym.models import save_model
 
         if not is_main_process():  # every rank holds the same state; rank 0 writes it
             return True
@@ -740,11 +740,11 @@ class _StageCheckpoint(BaseCallback):
 
 def _agent_class(algo: str) -> type:
     if algo == "rlpruner":
-        from agents.rl_pruner import RLPruner
+        from keepgym.agents.rl_pruner import RLPruner
 
         return RLPruner
     if algo in ("uniform", "global"):
-        from agents.baselines import GlobalPruner, UniformPruner
+        from keepgym.agents.baselines import GlobalPruner, UniformPruner
 
         return UniformPruner if algo == "uniform" else GlobalPruner
     import stable_baselines3 as sb3
@@ -793,7 +793,7 @@ def _check_resume(out: Path, cfg: PruneConfig) -> None:
 
 
 def _measure(model: torch.nn.Module, data: Any, device: str) -> dict[str, Any]:
-    from envs.metrics import count_macs_params, evaluate_accuracy
+    from keepgym.envs.metrics import count_macs_params, evaluate_accuracy
 
     model = model.to(device).eval()
     macs, params = count_macs_params(model, _input_size(data))
@@ -812,7 +812,7 @@ def _latency_side_by_side(
 
     ``threads`` sets torch's CPU threads while timing (restored afterwards).
     """
-    from envs.metrics import measure_latency
+    from keepgym.envs.metrics import measure_latency
 
     out = {name: {"latency_ms_b1": None, "latency_ms_b64": None} for name in models}
     if repeats <= 0:
@@ -858,13 +858,13 @@ def compress(config: PruneConfig) -> dict[str, Any]:
 def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any] | None:
     cfg = config
     validate(cfg)
-    from experiments.plots import plot_policy
-    from models import load_model, save_model
+    from keepgym.experiments.plots import plot_policy
+    from keepgym.models import load_model, save_model
 
     device = dist_info.device
     main = dist_info.is_main
     if cfg.out is None:
-        name = cfg.model or (cfg.env or "env").removeprefix("envs:")
+        name = cfg.model or (cfg.env or "env").removeprefix("keepgym:")
         # rank 0 names the run (the name holds the time) and tells the others
         out_name = main_first(lambda: str(Path("runs") / run_name("prune", name, cfg.algo, f"s{cfg.seed}")))
         cfg = dataclasses.replace(cfg, out=out_name)
@@ -949,7 +949,7 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
                 return True
 
         try:
-            from agents.callbacks import EnvInfoCallback
+            from keepgym.agents.callbacks import EnvInfoCallback
 
             # One TensorBoard point per stage (SAC/A2C would otherwise dump only every few episodes).
             info_cb = EnvInfoCallback(config=dataclasses.asdict(cfg))
@@ -1122,7 +1122,7 @@ def _save_search(
     clock: _Clock,
 ) -> None:
     """Checkpoint the end of the search: the pruned model, its teacher and the search's record."""
-    from models import save_model
+    from keepgym.models import save_model
 
     def write(tmp: Path) -> None:
         save_model(pruned, tmp / "model.pt")

@@ -1,13 +1,13 @@
 """Plug any RL algorithm into keepgym's envs: the same three lines for SB3's algorithms and ours.
 
-The pattern (identical for ``PPO``, ``SAC``, ``A2C`` and ``agents.RLPruner`` on ``PruneEnv``, and for
-``DQN``, ``PPO``, ``A2C`` and ``agents.DDQN`` on ``PatchSelectEnv``)::
+The pattern (identical for ``PPO``, ``SAC``, ``A2C`` and ``keepgym.agents.RLPruner`` on ``PruneEnv``, and for
+``DQN``, ``PPO``, ``A2C`` and ``keepgym.agents.DDQN`` on ``PatchSelectEnv``)::
 
     import gymnasium as gym
-    from stable_baselines3 import PPO            # or SAC, A2C; or: from agents import RLPruner as PPO
+    from stable_baselines3 import PPO            # or SAC, A2C; or: from keepgym.agents import RLPruner as PPO
 
-    import envs                                  # registers RLPrune-* and PatchSelect-*
-    from agents.callbacks import EnvInfoCallback
+    import keepgym                                  # registers RLPrune-* and PatchSelect-*
+    from keepgym.agents.callbacks import EnvInfoCallback
 
     env = gym.make("RLPrune-Digits-v0", target_sparsity=0.5)
     model = PPO("MlpPolicy", env, tensorboard_log="runs/")
@@ -17,20 +17,20 @@ The pattern (identical for ``PPO``, ``SAC``, ``A2C`` and ``agents.RLPruner`` on 
 in steps; SB3 would otherwise dump ``rollout/*`` and ``train/*`` only every 100 rollouts (A2C) or 4
 episodes (SAC, DQN). Then ``tensorboard --logdir runs``: SB3's ``rollout/ep_rew_mean`` and ``train/*``,
 and the env's ``env/accuracy``, ``env/macs_ratio``, ``env/group_sparsity`` (histogram and image), ``env/kept``,
-``env/step_seconds`` ... and the run's config as text (see :mod:`agents.callbacks`).
+``env/step_seconds`` ... and the run's config as text (see :mod:`keepgym.agents.callbacks`).
 
 Run it (tiny by default: a randomly initialised 1/8-width VGG-11 and a 2-block ViT on ``digits``, a few
 seconds per algorithm on a laptop CPU)::
 
-    python -m experiments.sb3_example                              # PPO + RLPruner, then DQN + DDQN
-    python -m experiments.sb3_example --algos sac a2c --timesteps 200
-    python -m experiments.sb3_example --algos ppo --n-envs 2 --subproc   # 2 envs in subprocesses
-    python -m experiments.sb3_example --algos ppo rlpruner --full  # the registered env defaults:
+    python -m keepgym.experiments.sb3_example                              # PPO + RLPruner, then DQN + DDQN
+    python -m keepgym.experiments.sb3_example --algos sac a2c --timesteps 200
+    python -m keepgym.experiments.sb3_example --algos ppo --n-envs 2 --subproc   # 2 envs in subprocesses
+    python -m keepgym.experiments.sb3_example --algos ppo rlpruner --full  # the registered env defaults:
                                                                    # trained baseline (cached), width 0.25
 
 Vectorised use goes through SB3's ``make_vec_env`` (or ``gymnasium.vector``): the envs are built from
 their id and keyword arguments inside each worker, so nothing but those is pickled. Use the id
-``"envs:RLPrune-Digits-v0"`` there, so a fresh worker process imports ``envs`` (and its registrations)
+``"keepgym:RLPrune-Digits-v0"`` there, so a fresh worker process imports ``keepgym`` (and its registrations)
 itself. ``RLPruner`` scores candidates through the raw env's ``evaluate`` and needs one in-process env.
 """
 
@@ -47,9 +47,9 @@ from typing import Any
 import gymnasium as gym
 import torch
 
-import envs  # noqa: F401 - registers the env ids
-from agents.callbacks import EnvInfoCallback
-from experiments.common import add_config_arguments, arg, config_from_args
+import keepgym  # noqa: F401 - registers the env ids
+from keepgym.agents.callbacks import EnvInfoCallback
+from keepgym.experiments.common import add_config_arguments, arg, config_from_args
 
 __all__ = ["ExampleConfig", "ALGOS", "TINY_ENV_KWARGS", "TINY_ALGO_KWARGS", "make_algo", "run", "main"]
 
@@ -60,9 +60,9 @@ ALGOS: dict[str, tuple[str, str]] = {
     "ppo": ("stable_baselines3:PPO", "prune"),
     "sac": ("stable_baselines3:SAC", "prune"),
     "a2c": ("stable_baselines3:A2C", "prune"),
-    "rlpruner": ("agents.rl_pruner:RLPruner", "prune"),
+    "rlpruner": ("keepgym.agents.rl_pruner:RLPruner", "prune"),
     "dqn": ("stable_baselines3:DQN", "patch"),
-    "ddqn": ("agents.ddqn:DDQN", "patch"),
+    "ddqn": ("keepgym.agents.ddqn:DDQN", "patch"),
 }
 
 #: Env kind -> registered id.
@@ -173,7 +173,7 @@ def run(
     Returns:
         ``{"algo", "env_id", "kind", "num_envs", "timesteps", "seconds", "tensorboard", "episodes",
         "final"}``: ``episodes`` holds one record per finished episode (see
-        :attr:`agents.callbacks.EnvInfoCallback.episodes`), ``final`` the last one (None if no episode
+        :attr:`keepgym.agents.callbacks.EnvInfoCallback.episodes`), ``final`` the last one (None if no episode
         finished).
     """
     algo_cls = make_algo(algo)
@@ -205,7 +205,7 @@ def run(
         from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
         env = make_vec_env(
-            f"envs:{env_id}",  # a fresh worker imports `envs`, which registers the id
+            f"keepgym:{env_id}",  # a fresh worker imports `keepgym`, which registers the id
             n_envs=n_envs,
             seed=seed,
             env_kwargs=env_kwargs,
@@ -232,7 +232,7 @@ def run(
 def main(argv: list[str] | None = None) -> int:
     """Command line: run each requested algorithm and print one JSON line per run."""
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.sb3_example",
+        prog="python -m keepgym.experiments.sb3_example",
         description="Run SB3 algorithms and keepgym's agents on keepgym's envs with the same three lines.",
     )
     add_config_arguments(parser, ExampleConfig)

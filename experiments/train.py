@@ -1,13 +1,13 @@
 """``keepgym train``: train a baseline classifier (SGD + cosine) and save it for pruning.
 
-Writes ``DIR/model.pt`` (best validation epoch, :func:`models.save_model`), ``DIR/summary.json``,
+Writes ``DIR/model.pt`` (best validation epoch, :func:`keepgym.models.save_model`), ``DIR/summary.json``,
 ``DIR/config.json``, TensorBoard events and ``DIR/checkpoint.pt`` after every epoch, so Ctrl-C or a
 kill leaves a usable model and ``--resume`` finishes the run exactly as an uninterrupted one would.
 
 Data-parallel on N processes (DistributedDataParallel; ``gloo`` on CPU, ``nccl`` on GPU, one GPU per
 process)::
 
-    torchrun --nproc-per-node N -m experiments train --model vgg11 --dataset cifar10 --out runs/vgg11
+    torchrun --nproc-per-node N -m keepgym train --model vgg11 --dataset cifar10 --out runs/vgg11
 
 ``--batch-size`` is the global batch, split between the ranks; rank 0 writes every output.
 """
@@ -25,11 +25,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from envs.data import DATASETS, load_dataset
-from envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, main_first
-from envs.metrics import count_macs_params, evaluate_accuracy
-from envs.trainer import Trainer
-from experiments.common import (
+from keepgym.envs.data import DATASETS, load_dataset
+from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, main_first
+from keepgym.envs.metrics import count_macs_params, evaluate_accuracy
+from keepgym.envs.trainer import Trainer
+from keepgym.experiments.common import (
     CliError,
     arg,
     atomic_torch_save,
@@ -84,7 +84,7 @@ def default_epochs(dataset: str) -> int:
 
 def validate(cfg: TrainConfig) -> None:
     """Check every setting before any work starts."""
-    from models import list_models
+    from keepgym.models import list_models
 
     if cfg.model not in list_models():
         raise CliError(f"unknown model {cfg.model!r}; valid models: {', '.join(list_models())}")
@@ -140,7 +140,7 @@ def _prepare(cfg: TrainConfig) -> Path:
 
 
 def _run(cfg: TrainConfig, dist_info: DistributedInfo) -> dict:
-    from models import create_model, load_model, save_model
+    from keepgym.models import create_model, load_model, save_model
 
     device, main = dist_info.device, dist_info.is_main
     if dist_info.enabled and cfg.batch_size < dist_info.world_size:

@@ -23,12 +23,12 @@ from typing import Any
 
 from torch import nn
 
-from models.densenet import densenet121
-from models.googlenet import googlenet
-from models.mobilenetv3 import mobilenetv3_large, mobilenetv3_small
-from models.resnet import resnet20, resnet32, resnet56, resnet110
-from models.serialization import ModelLoadError, load_model, load_model_with_extra, save_model
-from models.vgg import vgg11, vgg13, vgg16, vgg19
+from keepgym.models.densenet import densenet121
+from keepgym.models.googlenet import googlenet
+from keepgym.models.mobilenetv3 import mobilenetv3_large, mobilenetv3_small
+from keepgym.models.resnet import resnet20, resnet32, resnet56, resnet110
+from keepgym.models.serialization import ModelLoadError, load_model, load_model_with_extra, save_model
+from keepgym.models.vgg import vgg11, vgg13, vgg16, vgg19
 
 __all__ = [
     "ModelLoadError",
@@ -68,7 +68,7 @@ def _factory(name: str) -> Callable[..., nn.Module]:
     if name in _CNN_FACTORIES:
         return _CNN_FACTORIES[name]
     if name in _VIT_NAMES:
-        vit = importlib.import_module("models.vit")
+        vit = importlib.import_module("keepgym.models.vit")
         factory = getattr(vit, name, None)
         if factory is None:
             raise ValueError(f"models/vit.py defines no factory named {name!r}")

@@ -96,7 +96,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any)
     """Save ``model`` (possibly pruned) atomically as a keepgym model file.
 
     Args:
-        model: A model built by ``models.create_model`` (it must carry ``keepgym_spec``).
+        model: A model built by ``keepgym.models.create_model`` (it must carry ``keepgym_spec``).
         path: Destination file; parent directories are created. The file is written to a temporary
             name first and moved into place, so an interrupted save never leaves a broken file.
         **extra_metadata: Plain values (numbers, strings, lists, dicts, tensors) stored under
@@ -248,7 +248,7 @@ def load_model_with_extra(
         ModelLoadError: If the file is truncated or corrupt, is not a keepgym model file, or its
             spec / widths / weights do not fit together. The message is one line naming the file.
     """
-    from models import create_model  # late import: models/__init__.py imports this module
+    from keepgym.models import create_model  # late import: models/__init__.py imports this module
 
     path = Path(path)
     payload = _read(path, map_location)

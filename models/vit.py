@@ -9,7 +9,7 @@ LayerNorm + Linear head. A CLS token is optional.
 ``ViT.forward(x, keep=...)`` takes the indices of the patches each image keeps. Tokens are gathered
 right after the position embedding is added, so every block runs on ``k`` tokens only and the compute
 really falls with ``k`` (``ViT.analytic_macs``). ``ViT.patch_scores`` gives the attention each patch
-receives in one block, the signal the patch selectors and ``envs.PatchSelectEnv`` use.
+receives in one block, the signal the patch selectors and ``keepgym.envs.PatchSelectEnv`` use.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ class ViT(nn.Module):
     def analytic_macs(self, k: int | None = None, include_norms: bool = True) -> int:
         """Multiply-accumulates per image of ``forward`` with ``k`` kept patches (``None`` = all).
 
-        Counted like ``envs.metrics.count_macs_params``, the project's counter: every matrix product
+        Counted like ``keepgym.envs.metrics.count_macs_params``, the project's counter: every matrix product
         (patch embedding on all ``N`` patches, QKV, ``QK^T``, ``AV``, output projection, MLP, head; as
         ``torch.utils.flop_counter`` counts them) plus, thop-style, ``4 * numel`` for each affine
         LayerNorm's input. GELU, softmax and additions count zero.

@@ -1,13 +1,13 @@
 """Reliability and safety (issue 10): hostile files, safe loading, CLI validation, same-seed runs, NaN guards.
 
-* Truncated and foreign model files are refused by ``models.load_model`` with one ``ModelLoadError``
+* Truncated and foreign model files are refused by ``keepgym.models.load_model`` with one ``ModelLoadError``
   line naming the file, and by the CLI (``evaluate``, ``prune``) with one error line, exit status 2
   and no traceback. A pickled module is refused without running any of its code.
 * Every ``torch.load`` in the package passes ``weights_only=True`` (a source scan).
 * Every CLI argument is validated before any work starts: exit 2, one line (with the valid choices
   where there are some), and no run folder left behind.
 * Same seed, same CPU: ``train``, ``prune`` and ``agentvit`` give identical summaries (timings aside).
-* The divergence guards: a NaN during KD (``PruneEnv`` + ``envs.distill``) and during ViT training
+* The divergence guards: a NaN during KD (``PruneEnv`` + ``keepgym.envs.distill``) and during ViT training
   (``PatchSelectEnv``) stops the update, restores the last good weights, lowers the learning rate
   once, is reported, and the run goes on.
 """
@@ -28,19 +28,19 @@ import numpy as np
 import pytest
 import torch
 
-import envs.distill
-from envs.data import load_dataset
-from envs.patch_select_env import PatchSelectEnv
-from envs.prune_env import PruneEnv
-from experiments.cli import main
-from models import create_model, load_model, save_model
-from models.serialization import ModelLoadError
+from keepgym.envs import distill as envs_distill
+from keepgym.envs.data import load_dataset
+from keepgym.envs.patch_select_env import PatchSelectEnv
+from keepgym.envs.prune_env import PruneEnv
+from keepgym.experiments.cli import main
+from keepgym.models import create_model, load_model, save_model
+from keepgym.models.serialization import ModelLoadError
 
 # torch notes that a hand-made pickle uses protocol 4; refusing it is the point of those tests.
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("envs", "agents", "models", "experiments")
+PACKAGES = ("envs", "agents", "models", "experiments")  # the package folders (keepgym.*)
 CPU_ONLY = not torch.cuda.is_available()
 
 # Keys of a summary that are wall-clock measurements (or derived from them), not results.
@@ -280,8 +280,8 @@ def test_prune_cli_refuses_checkpoint_of_another_model(capsys, tmp_path):
 
 
 def test_real_console_entry_point_prints_no_traceback(bad_files):
-    """The installed entry (``python -m experiments``), not just ``main``: exit 2, one line."""
-    argv = [sys.executable, "-m", "experiments", "evaluate", "--checkpoint", str(bad_files["truncated.pt"])]
+    """The installed entry (``python -m keepgym``), not just ``main``: exit 2, one line."""
+    argv = [sys.executable, "-m", "keepgym", "evaluate", "--checkpoint", str(bad_files["truncated.pt"])]
     argv += "--dataset digits --latency-repeats 0 --device cpu".split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
@@ -612,14 +612,14 @@ def test_kd_nan_guard_in_prune_env(monkeypatch, prune_data):
     """A NaN KD loss: that stage's fine-tuning stops, its entry weights come back, the lr drops 10x once,
     the episode completes and ``info`` says so; ``reset`` starts again at the full lr."""
     calls = {"n": 0, "poison": {1}}
-    real = envs.distill.kd_loss
+    real = envs_distill.kd_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * math.nan if calls["n"] in calls["poison"] else loss
 
-    monkeypatch.setattr(envs.distill, "kd_loss", poisoned)
+    monkeypatch.setattr(envs_distill, "kd_loss", poisoned)
     env, plain = _kd_env(prune_data, finetune_steps=3), _kd_env(prune_data)
     env.reset(seed=0), plain.reset(seed=0)
     action = np.ones(env.num_groups)
@@ -644,13 +644,13 @@ def test_kd_nan_guard_in_prune_env(monkeypatch, prune_data):
 
 
 def test_kd_nan_guard_restores_last_good_weights(prune_data):
-    """``envs.distill.distill`` directly: NaN after a few steps -> weights of the last good copy."""
+    """``keepgym.envs.distill.distill`` directly: NaN after a few steps -> weights of the last good copy."""
     env = _kd_env(prune_data)
     env.reset(seed=0)
     student = env.model
     x, y = env._calib[0][:8], env._calib[1][:8]
     batches = [(x, y)] * 4 + [(x * math.nan, y)]
-    stats = envs.distill.distill(student, env.teacher, batches, steps=10, guard_interval=2, seed=0, learning_rate=1e-2)
+    stats = envs_distill.distill(student, env.teacher, batches, steps=10, guard_interval=2, seed=0, learning_rate=1e-2)
     assert stats.diverged and stats.steps == 4 and stats.restored_step == 4
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.baselines import GlobalPruner, UniformPruner, _global_counts, _stage_budget
+from keepgym.agents.baselines import GlobalPruner, UniformPruner, _global_counts, _stage_budget
 
 try:
     from tests.agents.toy_prune_env import ToyPruneEnv

@@ -12,8 +12,8 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from agents.callbacks import EnvInfoCallback, read_tensorboard, render_group_sparsity
-from agents.rl_pruner import RLPruner
+from keepgym.agents.callbacks import EnvInfoCallback, read_tensorboard, render_group_sparsity
+from keepgym.agents.rl_pruner import RLPruner
 
 try:
     from tests.agents.toy_prune_env import ToyPruneEnv

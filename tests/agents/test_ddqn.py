@@ -11,7 +11,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 
-from agents.ddqn import DDQN, BranchingQPolicy
+from keepgym.agents.ddqn import DDQN, BranchingQPolicy
 
 OBS_DIM = 4
 BEST_RATIO = 2

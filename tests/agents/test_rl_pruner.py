@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-from agents.rl_pruner import RLPruner, _Candidate, _EliteArchive, _epsilon
+from keepgym.agents.rl_pruner import RLPruner, _Candidate, _EliteArchive, _epsilon
 
 try:
     from tests.agents.toy_prune_env import ToyPruneEnv

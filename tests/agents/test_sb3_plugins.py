@@ -1,7 +1,7 @@
 """Any SB3 algorithm on keepgym's envs with the same three lines, watched in TensorBoard.
 
-PPO, SAC and A2C (and ``agents.RLPruner``) on a tiny ``RLPrune-Digits-v0`` (random 1/8-width VGG-11,
-3 stages per episode, L1 criterion); DQN, PPO and ``agents.DDQN`` on a tiny ``PatchSelect-Digits-v0``
+PPO, SAC and A2C (and ``keepgym.agents.RLPruner``) on a tiny ``RLPrune-Digits-v0`` (random 1/8-width VGG-11,
+3 stages per episode, L1 criterion); DQN, PPO and ``keepgym.agents.DDQN`` on a tiny ``PatchSelect-Digits-v0``
 (2-block ViT, 5 steps per epoch) in ``ratio`` and ``mask`` mode. Every run's TensorBoard events are
 read back and the documented tags asserted.
 """
@@ -14,11 +14,11 @@ import pytest
 import torch
 from stable_baselines3 import A2C, DQN, PPO, SAC
 
-import envs  # noqa: F401 - registers the env ids
-from agents.callbacks import EnvInfoCallback, read_tensorboard
-from agents.ddqn import DDQN
-from agents.rl_pruner import RLPruner
-from experiments.sb3_example import TINY_ALGO_KWARGS, TINY_ENV_KWARGS, run
+import keepgym  # noqa: F401 - registers the env ids
+from keepgym.agents.callbacks import EnvInfoCallback, read_tensorboard
+from keepgym.agents.ddqn import DDQN
+from keepgym.agents.rl_pruner import RLPruner
+from keepgym.experiments.sb3_example import TINY_ALGO_KWARGS, TINY_ENV_KWARGS, run
 
 PRUNE_ID, PATCH_ID = "RLPrune-Digits-v0", "PatchSelect-Digits-v0"
 TRAIN_TAG = {PPO: "train/value_loss", A2C: "train/value_loss", SAC: "train/actor_loss", DQN: "train/loss"}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from envs.data import DATASETS, BatchLoader, DatasetNotFoundError, augment_batch, load_dataset
+from keepgym.envs.data import DATASETS, BatchLoader, DatasetNotFoundError, augment_batch, load_dataset
 
 
 def test_digits_shapes_and_dtype():

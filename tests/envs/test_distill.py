@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.data import load_dataset
-from envs.distill import distill, kd_loss
-from models import create_model
+from keepgym.envs.data import load_dataset
+from keepgym.envs.distill import distill, kd_loss
+from keepgym.models import create_model
 
 
 def _net(seed: int) -> nn.Module:

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from envs.data import load_dataset
-from envs.patch_select_env import PatchSelectEnv
-from envs.prune_env import PruneEnv
+from keepgym.envs.data import load_dataset
+from keepgym.envs.patch_select_env import PatchSelectEnv
+from keepgym.envs.prune_env import PruneEnv
 
 FUZZ = settings(
     max_examples=30,

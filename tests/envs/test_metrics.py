@@ -1,4 +1,4 @@
-"""envs.metrics: the MAC/param counter, accuracy and latency helpers."""
+"""keepgym.envs.metrics: the MAC/param counter, accuracy and latency helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.metrics import count_macs_params, evaluate_accuracy, measure_latency
+from keepgym.envs.metrics import count_macs_params, evaluate_accuracy, measure_latency
 
 
 def _tiny_cnn() -> nn.Module:

@@ -10,9 +10,9 @@ import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-from envs.data import load_dataset
-from envs.patch_select_env import PatchSelectEnv, benchmark_vit
-from models.vit import select_random_k, select_topk
+from keepgym.envs.data import load_dataset
+from keepgym.envs.patch_select_env import PatchSelectEnv, benchmark_vit
+from keepgym.models.vit import select_random_k, select_topk
 
 N = 16  # 16x16 images, patch 4
 
@@ -221,7 +221,7 @@ def test_cls_token_env_and_agentvit_state(data):
 
 
 def test_save_uses_models_save_model(data, tmp_path):
-    models = pytest.importorskip("models")
+    models = pytest.importorskip("keepgym.models")
     if not hasattr(models, "save_model"):
         pytest.skip("models.save_model not available yet")
     env = make_env(data)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from envs.data import load_dataset
-from envs.metrics import count_macs_params
-from envs.prune_env import (
+from keepgym.envs.data import load_dataset
+from keepgym.envs.metrics import count_macs_params
+from keepgym.envs.prune_env import (
     PruneEnv,
     WallTimes,
     _waterfill,
@@ -20,7 +20,7 @@ from envs.prune_env import (
     profile_evaluate,
     register_evaluate_backend,
 )
-from models import create_model, load_model
+from keepgym.models import create_model, load_model
 
 PAPER_MODELS = ["vgg19", "resnet56", "googlenet", "mobilenetv3_large", "densenet121"]
 ALL_IDS = [
@@ -55,7 +55,7 @@ def test_gymnasium_and_sb3_checkers_on_every_id(env_id):
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    import envs  # noqa: F401  (registers the ids)
+    import keepgym  # noqa: F401  (registers the ids)
 
     # l1 importance keeps the checkers quick; the Taylor path is exercised by the other tests
     env = gym.make(

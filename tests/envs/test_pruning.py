@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from envs.metrics import count_macs_params
-from envs.pruning import GroupPruner
-from models import create_model, get_classifier
+from keepgym.envs.metrics import count_macs_params
+from keepgym.envs.pruning import GroupPruner
+from keepgym.models import create_model, get_classifier
 
 PAPER_MODELS = ["vgg19", "resnet56", "googlenet", "mobilenetv3_large", "densenet121"]
 INPUT = (1, 3, 32, 32)

@@ -5,8 +5,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from envs.data import load_dataset
-from envs.prune_env import PruneEnv
+from keepgym.envs.data import load_dataset
+from keepgym.envs.prune_env import PruneEnv
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
@@ -41,7 +41,7 @@ def _strip(info: dict) -> dict:
 def test_ray_matches_serial_and_refreshes_once_per_stage():
     import ray
 
-    from envs.ray_backend import register_ray_backend
+    from keepgym.envs.ray_backend import register_ray_backend
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     backend = register_ray_backend(workers=2)
@@ -71,8 +71,7 @@ def test_ray_matches_serial_and_refreshes_once_per_stage():
 def test_ray_backend_without_ray_explains_install(monkeypatch):
     import sys
 
-    import envs.ray_backend as rb
-
+    import keepgym.envs.ray_backend as rb
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     env = _env()
     with pytest.raises(ImportError, match=r"pip install -e \.\[ray\]"):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import envs  # noqa: F401 - registers the env ids
-from agents.callbacks import read_tensorboard
-from experiments.sb3_example import TINY_ENV_KWARGS, run
+import keepgym  # noqa: F401 - registers the env ids
+from keepgym.agents.callbacks import read_tensorboard
+from keepgym.experiments.sb3_example import TINY_ENV_KWARGS, run
 
 PRUNE_ID, PATCH_ID = "RLPrune-Digits-v0", "PatchSelect-Digits-v0"
 PRUNE_KW = TINY_ENV_KWARGS["prune"]

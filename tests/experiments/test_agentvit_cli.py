@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from agents.ddqn import DDQN
-from experiments import agentvit as av
-from experiments.cli import main
+from keepgym.agents.ddqn import DDQN
+from keepgym.experiments import agentvit as av
+from keepgym.experiments.cli import main
 
 TINY = [
     "--dataset", "digits", "--preset", "vit_tiny", "--train-size", "200", "--test-size", "100",

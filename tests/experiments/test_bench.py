@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments.cli import main
+from keepgym.experiments.cli import main
 
 
 def test_bench_data_and_prune_step_write_json(tmp_path, capsys):

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from experiments.cli import main
-from models import load_model
+from keepgym.experiments.cli import main
+from keepgym.models import load_model
 
 TINY = [
     "agentvit", "--dataset", "digits", "--preset", "vit_tiny", "--train-size", "320", "--test-size", "100",
@@ -28,7 +28,7 @@ def test_torchrun_two_gloo_ranks_train_the_vit_like_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
-        [*cmd, "-m", "experiments", *TINY, "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240
+        [*cmd, "-m", "keepgym", *TINY, "--out", str(ddp)], env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports

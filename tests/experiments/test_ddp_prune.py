@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from envs.data import load_dataset
-from envs.trainer import Trainer
-from experiments.cli import main
-from models import create_model, save_model
+from keepgym.envs.data import load_dataset
+from keepgym.envs.trainer import Trainer
+from keepgym.experiments.cli import main
+from keepgym.models import create_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_torchrun_two_gloo_ranks_prune_like_one_process(base_checkpoint, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
-        [*cmd, "-m", "experiments", *_args(base_checkpoint, ddp)],
+        [*cmd, "-m", "keepgym", *_args(base_checkpoint, ddp)],
         env=env,
         capture_output=True,
         text=True,

@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 
-from envs.data import BatchLoader, load_dataset
-from envs.distributed import ShardedLoader, all_reduce_sum, init_distributed, is_main_process, main_first
-from envs.trainer import Trainer
-from experiments.cli import main
-from models import create_model
+from keepgym.envs.data import BatchLoader, load_dataset
+from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, init_distributed, is_main_process, main_first
+from keepgym.envs.trainer import Trainer
+from keepgym.experiments.cli import main
+from keepgym.models import create_model
 
 ARGS = [
     "train",
@@ -90,7 +90,7 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
-        [*cmd, "-m", "experiments", *ARGS, "--out", str(ddp)],
+        [*cmd, "-m", "keepgym", *ARGS, "--out", str(ddp)],
         env=env,
         capture_output=True,
         text=True,

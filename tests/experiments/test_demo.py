@@ -5,7 +5,7 @@ import re
 
 from PIL import Image
 
-from experiments.cli import main
+from keepgym.experiments.cli import main
 
 
 def test_quick_demo_report(tmp_path, capsys):

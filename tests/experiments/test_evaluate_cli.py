@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from envs.metrics import count_macs_params
-from experiments.cli import main
-from models import create_model, save_model
+from keepgym.envs.metrics import count_macs_params
+from keepgym.experiments.cli import main
+from keepgym.models import create_model, save_model
 
 
 @pytest.fixture(scope="module")

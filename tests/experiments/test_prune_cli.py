@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-import experiments.prune as prune_cmd
-from experiments.cli import main
-from models import create_model, load_model, save_model
+import keepgym.experiments.prune as prune_cmd
+from keepgym.experiments.cli import main
+from keepgym.models import create_model, load_model, save_model
 
 TIMING = set(prune_cmd.TIMING_KEYS)
 
@@ -103,7 +103,7 @@ def test_summary_reports_reductions(full_run):
 
 
 def test_compressed_model_loads_safely_with_reported_cost(full_run):
-    from envs.metrics import count_macs_params
+    from keepgym.envs.metrics import count_macs_params
 
     payload = torch.load(full_run / "compressed.pt", weights_only=True)
     assert payload["format"] == "keepgym-model"
@@ -180,7 +180,7 @@ def test_uniform_baseline_and_sb3_algorithm_share_the_outputs(base_checkpoint, t
         assert summary["final"]["macs"] < summary["baseline"]["macs"]
         assert (out / "compressed.pt").is_file() and (out / "policy.png").is_file()
     # the SB3 algorithm's TensorBoard run carries the env figures, one point per stage
-    from agents.callbacks import read_tensorboard
+    from keepgym.agents.callbacks import read_tensorboard
 
     runs = [p.parent for p in (tmp_path / "ppo").rglob("events.out.tfevents*")]
     tags = set().union(*(set(read_tensorboard(r).Tags()["scalars"]) for r in runs))
@@ -199,7 +199,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(base_checkpoint, f
     out = tmp_path / "run"
     args = _args(base_checkpoint, out)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "keepgym", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
     while not (out / "stages" / "001" / "state.pt").exists():

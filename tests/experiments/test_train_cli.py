@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from envs.data import load_dataset
-from envs.trainer import Trainer
-from experiments.cli import main
-from models import create_model, load_model
+from keepgym.envs.data import load_dataset
+from keepgym.envs.trainer import Trainer
+from keepgym.experiments.cli import main
+from keepgym.models import create_model, load_model
 
 TINY = [
     "--model",

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from envs.metrics import count_macs_params
-from models import create_model, get_classifier, list_models
+from keepgym.envs.metrics import count_macs_params
+from keepgym.models import create_model, get_classifier, list_models
 
 CNN_NAMES = [
     "vgg11",

@@ -9,8 +9,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from envs.metrics import count_macs_params
-from models import ModelLoadError, create_model, load_model, load_model_with_extra, save_model
+from keepgym.envs.metrics import count_macs_params
+from keepgym.models import ModelLoadError, create_model, load_model, load_model_with_extra, save_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,7 +94,7 @@ def test_round_trip_mobilenetv3_small_pruned_depthwise(tmp_path: Path) -> None:
 
 
 def test_round_trip_vit_if_available(tmp_path: Path) -> None:
-    pytest.importorskip("models.vit")
+    pytest.importorskip("keepgym.models.vit")
     torch.manual_seed(0)
     model = create_model("vit_tiny", num_classes=4)
     loaded = load_model(save_model(model, tmp_path / "vit.pt"))

@@ -1,0 +1,7 @@
+"""``python -m keepgym`` is the ``keepgym`` command."""
+
+import sys
+
+from keepgym.experiments.cli import main
+
+sys.exit(main())
