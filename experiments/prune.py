@@ -51,8 +51,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +69,12 @@ from keepgym.envs.distributed import (
     init_distributed,
     is_main_process,
     main_first,
+)
+from keepgym.experiments.checkpoint import (
+    complete_checkpoints,
+    remove_partial_checkpoints,
+    retain_checkpoints,
+    write_dir_atomically,
 )
 from keepgym.experiments.common import (
     CliError,
@@ -632,40 +636,6 @@ def _after_checkpoint(stage: int) -> None:
     """Called after every complete stage checkpoint (tests replace it to simulate an interruption)."""
 
 
-def _write_dir_atomically(final: Path, write: Any) -> None:
-    """Build a folder under a temporary name with ``write(tmp)`` and rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_partial_checkpoints(out: Path) -> None:
-    """Delete the temporary folders a kill left behind mid-write (``.NNN.*``, ``.search.*``, ...)."""
-    for parent in (out, out / "stages"):
-        if parent.is_dir():
-            for tmp in parent.glob(".*"):
-                if tmp.is_dir():
-                    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _complete_stages(stages_dir: Path) -> list[Path]:
-    if not stages_dir.is_dir():
-        return []
-    return sorted(
-        p for p in stages_dir.iterdir() if p.is_dir() and p.name.isdigit() and (p / _STATE_FILE).exists()
-    )
-
-
 class _Clock:
     """Wall seconds of the run, including those spent before an interruption."""
 
@@ -720,9 +690,8 @@ class _StageCheckpoint(BaseCallback):
                 tmp / _STATE_FILE,
             )
 
-        _write_dir_atomically(self.stages_dir / f"{stage:03d}", write)
-        for old in _complete_stages(self.stages_dir)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        write_dir_atomically(self.stages_dir / f"{stage:03d}", write)
+        retain_checkpoints(self.stages_dir, self.keep_last, _STATE_FILE)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(
@@ -887,7 +856,7 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
     done_stages = 0
     search_done = (out / "search" / _STATE_FILE).exists()
     if cfg.algo in STAGED_ALGOS:
-        complete = _complete_stages(stages_dir) if cfg.resume else []
+        complete = complete_checkpoints(stages_dir, _STATE_FILE) if cfg.resume else []
         if cfg.resume and not complete and not search_done:
             logger.info("--resume: no complete stage in %s; starting from the beginning", stages_dir)
         if complete and not search_done:
@@ -1010,7 +979,7 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
             )
 
         if main:
-            _write_dir_atomically(final_dir, write)
+            write_dir_atomically(final_dir, write)
 
     if cfg.final_finetune_epochs > 0 and start_epoch < cfg.final_finetune_epochs:
         _, records = _kd_epochs(
@@ -1107,7 +1076,7 @@ def _prepare_out(cfg: PruneConfig) -> Path:
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)
-        _remove_partial_checkpoints(out)
+        remove_partial_checkpoints((out, out / "stages"))
     else:
         write_json(out / "config.json", cfg)
     return out
@@ -1131,7 +1100,7 @@ def _save_search(
         blob = json.dumps(search, default=_json_default)
         atomic_torch_save({"search_json": blob, "rng": _rng_state(), "wall": clock()}, tmp / _STATE_FILE)
 
-    main_first(lambda: _write_dir_atomically(out / "search", write))  # the other ranks then read it
+    main_first(lambda: write_dir_atomically(out / "search", write))  # the other ranks then read it
 
 
 def _group_names(raw: Any, n: int) -> list[str]:
