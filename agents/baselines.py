@@ -5,7 +5,9 @@
 * :class:`GlobalPruner`: Torch-Pruning's *global* ranking (``global_pruning=True``): the per-channel
   importances of all groups (normalised within each group, ``env.unwrapped.stage_importance()``) are
   ranked together and the stage budget's ``M`` least important channels are removed, wherever they are.
-  The action is the number of those channels in each group.
+  The action is the number of those channels in each group. With a compute target
+  (``PruneEnv(target_macs=...)``/``target_params``) ``M`` is the shortest prefix of the global ranking
+  whose removal meets the stage's MACs (params) goal (``env.stage_goal``, ``env.predict_cost``).
 
 Both commit one stage per timestep with no search, log the same ``stage/*`` keys as :class:`RLPruner`
 and keep the last committed distribution as their policy (what ``predict`` returns). They reach the raw
@@ -43,6 +45,34 @@ def _stage_budget(raw: Any) -> int:
     )
 
 
+def _global_counts_to_goal(
+    importances: list[np.ndarray], mask: np.ndarray, raw: Any, min_channels: int = 1
+) -> np.ndarray:
+    """Counts of the shortest prefix of the global ranking that meets the env's compute goal this stage.
+
+    Bisection over the prefix length; costs come from ``raw.predict_cost(counts)`` (closed form).
+    All offered channels if even they cannot meet the goal.
+    """
+    goal, k = int(raw.stage_goal), 0 if raw.compute_target == "macs" else 1
+    offered = sum(
+        max(np.asarray(imp).size - min_channels, 0) for imp, m in zip(importances, mask, strict=True) if m
+    )
+
+    def counts(n: int) -> np.ndarray:
+        return _global_counts(importances, mask, n, min_channels)
+
+    if offered == 0 or raw.predict_cost(counts(offered))[k] > goal:
+        return counts(offered)
+    lo, hi = 1, offered
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if raw.predict_cost(counts(mid))[k] <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return counts(lo)
+
+
 def _global_counts(
     importances: list[np.ndarray], mask: np.ndarray, budget: int, min_channels: int = 1
 ) -> np.ndarray:
@@ -75,7 +105,7 @@ class _FixedRulePruner(_StagedPrunerBase):
         self,
         policy: str | type[PruneDistributionPolicy] = "PruneDistributionPolicy",
         env: GymEnv | str | None = None,
-        image_log_interval: int = 10,
+        image_log_interval: int = 1,
         tensorboard_log: str | None = None,
         seed: int | None = None,
         device: th.device | str = "auto",
@@ -111,7 +141,7 @@ class UniformPruner(_FixedRulePruner):
     Args:
         policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
         env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
-        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
+        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never; ~0.1 s each).
         tensorboard_log: TensorBoard log folder (None: no TensorBoard).
         seed: Seed of SB3's global RNGs and of the env's first reset.
         device: Accepted for SB3 compatibility.
@@ -147,7 +177,7 @@ class GlobalPruner(_FixedRulePruner):
     Args:
         policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
         env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
-        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never).
+        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never; ~0.1 s each).
         tensorboard_log: TensorBoard log folder (None: no TensorBoard).
         seed: Seed of SB3's global RNGs and of the env's first reset.
         device: Accepted for SB3 compatibility.
@@ -161,7 +191,11 @@ class GlobalPruner(_FixedRulePruner):
             raise ValueError(
                 f"stage_importance() returned {len(importances)} groups, expected {mask.shape[0]}"
             )
-        counts = _global_counts(importances, mask, _stage_budget(raw), int(getattr(raw, "min_channels", 1)))
+        min_channels = int(getattr(raw, "min_channels", 1))
+        if getattr(raw, "stage_goal", None) is not None:  # a MACs/params target: rank until the goal is met
+            counts = _global_counts_to_goal(importances, mask, raw, min_channels)
+        else:
+            counts = _global_counts(importances, mask, _stage_budget(raw), min_channels)
         if counts.sum() == 0:
             logger.warning("global ranking selected no channel; falling back to a uniform split")
             return mask.astype(np.float64)

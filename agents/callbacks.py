@@ -28,7 +28,14 @@ Tags written (``tensorboard --logdir runs``), x axis = the algorithm's ``num_tim
 ``env/widths``                        histogram: per-group widths
 ``env/group_sparsity_image``          image: bar chart of the per-group sparsity, at each episode end
 ``config``                            text: the run's config (given, or built from the model and env)
+hparams                               the same config, flattened (:func:`hparams_of`), as the run's
+                                      hyper-parameters in TensorBoard's HParams tab, with
+                                      :data:`DEFAULT_HPARAM_METRICS` as the metrics to compare runs by
 ====================================  =================================================================
+
+:class:`PatchEpochCallback` adds per-epoch figures of a ``PatchSelectEnv`` run (``epoch/*``, ``eval/*`` and a
+grid image of the kept patches); :class:`NamedProgressBar` is SB3's progress bar naming what it counts.
+The README's TensorBoard table lists every tag of every command.
 
 SB3's own tags (``rollout/ep_rew_mean``, ``train/*``, ``time/*``; ``stage/*`` for ``RLPruner``) are
 untouched. The ``env/*`` scalars also go, averaged, into the logger's text outputs (stdout, csv), and
@@ -40,20 +47,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.logger import TensorBoardOutputFormat
+import torch
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ProgressBarCallback
+from stable_baselines3.common.logger import Image, TensorBoardOutputFormat
+from stable_baselines3.common.type_aliases import MaybeCallback
 
 __all__ = [
     "EnvInfoCallback",
+    "PatchEpochCallback",
+    "NamedProgressBar",
     "DEFAULT_INFO_KEYS",
     "DEFAULT_FINAL_KEYS",
+    "DEFAULT_HPARAM_METRICS",
+    "hparams_of",
     "read_tensorboard",
     "render_group_sparsity",
+    "render_kept_patches",
+    "with_progress_bar",
+    "write_hparams",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +90,17 @@ DEFAULT_INFO_KEYS = (
 
 #: Scalar ``info`` keys whose value at an episode's last step is written as ``env/final_<key>``.
 DEFAULT_FINAL_KEYS = ("accuracy", "macs_ratio", "params_ratio", "sparsity", "kept", "loss")
+
+#: Scalar tags offered as metrics in TensorBoard's HParams tab (those a run lacks stay blank there).
+DEFAULT_HPARAM_METRICS = (
+    "env/final_accuracy",
+    "env/final_macs_ratio",
+    "env/final_params_ratio",
+    "stage/reward",
+    "eval/val_accuracy_agent",
+    "eval/val_accuracy_full",
+    "rollout/ep_rew_mean",
+)
 
 #: Hyper-parameter attributes of SB3 algorithms copied into the automatic config text.
 _HPARAMS = (
@@ -156,6 +184,114 @@ def render_group_sparsity(sparsity: Sequence[float], title: str = "") -> np.ndar
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def hparams_of(config: Mapping[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """``config`` flattened for TensorBoard's HParams tab: nested keys joined by ``.``, numbers, strings
+    and booleans kept, None as ``"None"``, anything else (lists, paths) as its JSON text."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(hparams_of(value, prefix=f"{name}."))
+        elif isinstance(value, np.generic):
+            flat[name] = value.item()
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = "None" if value is None else json.dumps(_jsonable(value))
+    return flat
+
+
+def write_hparams(writer: Any, config: Mapping[str, Any], metrics: Iterable[str] = DEFAULT_HPARAM_METRICS) -> None:
+    """Write ``config`` as the hyper-parameters of ``writer``'s run (TensorBoard's HParams tab), with
+    ``metrics`` (scalar tags of the same run) as the columns to compare runs by."""
+    from torch.utils.tensorboard.summary import hparams
+
+    metric_dict = {tag: 0.0 for tag in metrics}  # names only: the tab reads the values from the scalars
+    for summary in hparams(hparams_of(config), metric_dict):
+        writer.file_writer.add_summary(summary)
+
+
+def render_kept_patches(images: np.ndarray, keep: Sequence[Sequence[int]], patch_size: int) -> np.ndarray:
+    """A grid image of which patches were kept: the images on top, below them the same images with the
+    dropped patches dimmed and the kept ones framed in green. ``HWC`` uint8.
+
+    Args:
+        images: ``(B, C, H, W)`` uint8 images (1 or 3 channels).
+        keep: Kept patch indices of each image (row-major patch order).
+        patch_size: Patch side in pixels.
+    """
+    x = np.asarray(images, dtype=np.float32) / 255.0
+    if x.shape[1] == 1:
+        x = np.repeat(x, 3, axis=1)
+    x = x[:, :3].transpose(0, 2, 3, 1)  # B, H, W, 3
+    b, h, w, _ = x.shape
+    scale = max(1, 64 // max(h, w))  # nearest-neighbour upscaling so tiny digits stay visible
+    grid_w = w // patch_size
+    tiles_top, tiles_bottom = [], []
+    for j in range(b):
+        img = x[j]
+        shade = np.full((h // patch_size, grid_w), 0.2, dtype=np.float32)
+        for idx in keep[j]:
+            shade[int(idx) // grid_w, int(idx) % grid_w] = 1.0
+        mask = np.kron(shade, np.ones((patch_size, patch_size), dtype=np.float32))
+        mask = np.pad(mask, ((0, h - mask.shape[0]), (0, w - mask.shape[1])), constant_values=0.2)
+        kept = img * mask[..., None]
+        big = np.kron(kept, np.ones((scale, scale, 1), dtype=np.float32))
+        p = patch_size * scale
+        for idx in keep[j]:
+            r, c = (int(idx) // grid_w) * p, (int(idx) % grid_w) * p
+            big[r, c : c + p] = big[r + p - 1, c : c + p] = (0.0, 1.0, 0.0)
+            big[r : r + p, c] = big[r : r + p, c + p - 1] = (0.0, 1.0, 0.0)
+        tiles_top.append(np.kron(img, np.ones((scale, scale, 1), dtype=np.float32)))
+        tiles_bottom.append(big)
+    gap = np.ones((h * scale, 2, 3), dtype=np.float32)
+
+    def row(tiles: list[np.ndarray]) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        for tile in tiles:
+            parts += [tile, gap]
+        return np.concatenate(parts[:-1], axis=1)
+
+    sep = np.ones((2, row(tiles_top).shape[1], 3), dtype=np.float32)
+    grid = np.concatenate([row(tiles_top), sep, row(tiles_bottom)], axis=0)
+    return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+class NamedProgressBar(ProgressBarCallback):
+    """SB3's progress bar (count, rate, elapsed and ETA) that says what it counts.
+
+    Args:
+        desc: What runs (shown left of the bar), e.g. ``"RLPruner"``.
+        unit: What one step is, e.g. ``"stage"``, ``"ViT step"``.
+    """
+
+    def __init__(self, desc: str = "", unit: str = "step") -> None:
+        super().__init__()
+        self.desc = desc
+        self.unit = unit
+
+    def _on_training_start(self) -> None:
+        from stable_baselines3.common.callbacks import tqdm
+
+        total = self.locals["total_timesteps"] - self.model.num_timesteps
+        self.pbar = tqdm(total=total, desc=f"{self.desc} ({self.unit}s)" if self.desc else None, unit=self.unit)
+
+
+def with_progress_bar(callback: MaybeCallback, desc: str, unit: str) -> BaseCallback:
+    """``callback`` (None, one, a list or a function, as ``learn`` takes it) plus a :class:`NamedProgressBar`."""
+    from stable_baselines3.common.callbacks import ConvertCallback
+
+    if callback is None:
+        callbacks: list[BaseCallback] = []
+    elif isinstance(callback, list):
+        callbacks = list(callback)
+    elif isinstance(callback, BaseCallback):
+        callbacks = [callback]
+    else:
+        callbacks = [ConvertCallback(callback)]
+    return CallbackList([*callbacks, NamedProgressBar(desc, unit)])
+
+
 def read_tensorboard(logdir: str | Path) -> Any:
     """Load every event of the TensorBoard run folder ``logdir`` (no sampling) for reading back.
 
@@ -192,6 +328,8 @@ class EnvInfoCallback(BaseCallback):
         log_interval: Write per-step scalars and histograms every this many calls (1 = every step).
         image_interval: Write the ``env/group_sparsity_image`` bar chart every this many finished
             episodes (0 = never). It is also written at the end of training.
+        hparam_metrics: Scalar tags shown as metrics beside the config in TensorBoard's HParams tab
+            (the config, flattened by :func:`hparams_of`, is written as the run's hyper-parameters).
         verbose: SB3 verbosity.
 
     Attributes:
@@ -207,9 +345,11 @@ class EnvInfoCallback(BaseCallback):
         config: Mapping[str, Any] | None = None,
         log_interval: int = 1,
         image_interval: int = 1,
+        hparam_metrics: Iterable[str] = DEFAULT_HPARAM_METRICS,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
+        self.hparam_metrics = tuple(hparam_metrics)
         if log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {log_interval}")
         if image_interval < 0:
@@ -283,6 +423,7 @@ class EnvInfoCallback(BaseCallback):
         text = "```\n" + json.dumps(_jsonable(config), indent=2, sort_keys=False) + "\n```"
         for writer in self._writers():
             writer.add_text("config", text, 0)
+            write_hparams(writer, config, self.hparam_metrics)
             writer.flush()
 
     def _on_step(self) -> bool:
@@ -378,3 +519,114 @@ class EnvInfoCallback(BaseCallback):
                 initial = widths
             self._initial_widths = np.maximum(initial, 1.0)
         return np.clip(1.0 - widths / self._initial_widths, 0.0, 1.0)
+
+
+class PatchEpochCallback(BaseCallback):
+    """Per-epoch TensorBoard figures of a ``PatchSelectEnv`` run (one episode = one ViT epoch).
+
+    At the end of every epoch (the step whose ``dones`` is set) it writes, at the algorithm's
+    ``num_timesteps``:
+
+    ====================================  =============================================================
+    ``epoch/train_loss``                  mean ``info["loss"]`` of the epoch's ViT steps
+    ``epoch/kept_patches``                mean ``info["kept"]`` (patches per image) over the epoch
+    ``epoch/images_per_second``           training images per second over the epoch (ViT + agent)
+    ``epoch/exploration_rate``            the agent's ``exploration_rate`` (DQN-style agents)
+    ``epoch/index``                       the env's epoch counter at the end of the epoch
+    ``epoch/kept_patches_image``          image: ``num_images`` fixed validation images, and below them
+                                          the patches the agent keeps (others dimmed, kept framed)
+    ``eval/val_accuracy_agent``           with ``evaluate=True``: validation accuracy with the agent's
+    ``eval/val_accuracy_full``            patches, with all patches, and the agent's mean kept patches
+    ``eval/val_kept_patches``             (``keepgym agentvit`` writes these three itself)
+    ====================================  =============================================================
+
+    Works with a single env or a ``DummyVecEnv`` (it reads env 0's ``unwrapped`` env).
+
+    Args:
+        num_images: Validation images shown in the patch grid (the first ones of the split; 0 = none).
+        evaluate: Also score the validation split with and without the agent's selection.
+        verbose: SB3 verbosity.
+    """
+
+    def __init__(self, num_images: int = 8, evaluate: bool = True, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        self.num_images = int(num_images)
+        self.evaluate = bool(evaluate)
+        self.epochs_logged = 0
+        self._losses: list[float] = []
+        self._kept: list[float] = []
+        self._steps = 0
+        self._start = 0.0
+
+    def _core(self) -> Any:
+        return self.training_env.get_attr("unwrapped", indices=[0])[0]
+
+    def _on_training_start(self) -> None:
+        self._start = time.perf_counter()
+
+    def _on_step(self) -> bool:
+        infos = self.locals.get("infos") or []
+        dones = np.asarray(self.locals.get("dones", [False])).reshape(-1)
+        if infos and isinstance(infos[0], Mapping):
+            info = infos[0]
+            if _is_number(info.get("loss")):
+                self._losses.append(float(info["loss"]))
+            if _is_number(info.get("kept")):
+                self._kept.append(float(info["kept"]))
+            self._steps += 1
+        if dones.size and bool(dones[0]):
+            self._end_epoch()
+        return True
+
+    def _end_epoch(self) -> None:
+        core = self._core()
+        seconds = max(time.perf_counter() - self._start, 1e-9)
+        self.epochs_logged += 1
+        record = self.logger.record
+        record("epoch/index", int(getattr(core, "epoch", self.epochs_logged)))
+        if self._losses:
+            record("epoch/train_loss", float(np.mean(self._losses)))
+        if self._kept:
+            record("epoch/kept_patches", float(np.mean(self._kept)))
+        record("epoch/images_per_second", self._steps * int(getattr(core, "batch_size", 1)) / seconds)
+        if _is_number(getattr(self.model, "exploration_rate", None)):
+            record("epoch/exploration_rate", float(self.model.exploration_rate))
+        with torch.random.fork_rng(devices=[]):  # figures only: the training run's randomness is untouched
+            if self.evaluate:
+                full = core.evaluate(None, "val")
+                chosen = core.evaluate_policy(self.model, "val")
+                record("eval/val_accuracy_full", full["accuracy"])
+                record("eval/val_accuracy_agent", chosen["accuracy"])
+                record("eval/val_kept_patches", chosen["kept_patches"])
+            image = self._patch_image(core) if self._has_tensorboard() else None
+        if image is not None:
+            record("epoch/kept_patches_image", Image(image, "HWC"), exclude=_TEXT_FORMATS)
+        self.logger.dump(step=self.num_timesteps)
+        self._losses, self._kept, self._steps = [], [], 0
+        self._start = time.perf_counter()
+
+    def _has_tensorboard(self) -> bool:
+        return self.num_images > 0 and any(isinstance(f, TensorBoardOutputFormat) for f in self.logger.output_formats)
+
+    @torch.no_grad()
+    def _patch_image(self, core: Any) -> np.ndarray | None:
+        vit = core.vit
+        x_u8, _ = core.data.split("val")
+        x_u8 = x_u8[: min(self.num_images, int(getattr(core, "batch_size", self.num_images)))]
+        if len(x_u8) == 0:
+            return None
+        device = next(vit.parameters()).device
+        was_training = vit.training
+        vit.eval()
+        try:
+            keep = core.choose_patches(self.model, core.data.normalize(x_u8.to(device)))
+        finally:
+            vit.train(was_training)
+        if keep is None:
+            keep = torch.arange(vit.num_patches)
+        keep = keep.cpu()
+        if keep.dim() == 1:  # one set for the batch (mask mode)
+            keep = keep.unsqueeze(0).expand(len(x_u8), -1)
+        return render_kept_patches(x_u8.cpu().numpy(), keep.tolist(), int(vit.patch_size))

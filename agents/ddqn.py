@@ -13,6 +13,12 @@ Two action spaces are supported:
   trunk and ``N`` branches of 2 Q-values each (drop / keep patch ``b``). The greedy action is the
   per-branch argmax, the Double-DQN target is computed per branch and the loss is the mean of the
   per-branch Huber losses. This is the ``mask`` mode of ``PatchSelectEnv`` (AgentViT).
+* ``Box(-1, 1, (B, N))`` over observations ``(B, N, F)``: ``PatchSelectEnv``'s ``patches`` mode, in which
+  the agent chooses which patches each of the B images keeps. :class:`PatchQPolicy` scores every patch
+  with one MLP shared across patches (F features -> q), the env keeps each image's top-k, and
+  :class:`PatchReplayBuffer` stores one decision per rewarded image. ``Q(s, S)`` of a kept set is the
+  mean of its patch values, regressed on the image's reward (the loss gap to all patches); see
+  :meth:`DDQN._train_patches` for why the target is the reward itself.
 
 AgentViT (the reference this project re-implements) called its agent "DDQN" but trained every output
 towards ``r + gamma * Q_target(s')`` without storing actions; this module is a real Double DQN. The
@@ -25,12 +31,12 @@ import logging
 import math
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.buffers import BaseBuffer, ReplayBuffer
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, FlattenExtractor, create_mlp
@@ -40,7 +46,9 @@ from stable_baselines3.dqn.policies import CnnPolicy, DQNPolicy, MlpPolicy, Mult
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["BranchingQNetwork", "BranchingQPolicy", "DDQN"]
+from keepgym.agents.serialization import SafeSaveMixin
+
+__all__ = ["BranchingQNetwork", "BranchingQPolicy", "DDQN", "PatchQNetwork", "PatchQPolicy", "PatchReplayBuffer"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +209,174 @@ class BranchingQPolicy(DQNPolicy):
         return data
 
 
-class DDQN(OffPolicyAlgorithm):
+class PatchQNetwork(nn.Module):
+    """Per-patch Q head for the ``patches`` mode: one MLP shared by every patch of every image.
+
+    ``forward(obs)`` maps features ``(..., N, F)`` to patch values ``(..., N)``. The value of keeping a
+    set S of patches of one image is the mean of its patch values, ``Q(s, S) = mean_{p in S} q(f_p)``,
+    so the greedy set at a fixed budget k is the k patches with the highest q.
+
+    Args:
+        features_dim: Features per patch (F).
+        net_arch: Hidden sizes (default ``[64, 64]``).
+        activation_fn: Activation.
+    """
+
+    def __init__(
+        self, features_dim: int, net_arch: list[int] | None = None, activation_fn: type[nn.Module] = nn.ReLU
+    ) -> None:
+        super().__init__()
+        self.net_arch = [64, 64] if net_arch is None else list(net_arch)
+        self.mlp = nn.Sequential(*create_mlp(features_dim, 1, self.net_arch, activation_fn))
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        """Patch values ``(..., N)``."""
+        return self.mlp(obs.float()).squeeze(-1)
+
+
+class PatchQPolicy(BasePolicy):
+    """Online + target :class:`PatchQNetwork` for ``PatchSelectEnv``'s ``patches`` mode.
+
+    Observation ``Box((B, N, F))`` (features of every patch of the B images of a batch), action
+    ``Box(-1, 1, (B, N))``: ``tanh`` of the patch values; the env keeps each image's top-k.
+
+    Args:
+        observation_space: ``Box((B, N, F))``.
+        action_space: ``Box(-1, 1, (B, N))``.
+        lr_schedule: Learning-rate schedule.
+        net_arch: Hidden sizes of the shared per-patch MLP.
+        activation_fn: Activation.
+        normalize_images: Unused (no images); kept for SB3's policy signature.
+        optimizer_class: Optimizer (Adam by default).
+        optimizer_kwargs: Optimizer keyword arguments other than the learning rate.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | None = None,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        normalize_images: bool = False,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            normalize_images=False,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+        )
+        obs_shape, act_shape = tuple(observation_space.shape), tuple(action_space.shape)
+        if len(obs_shape) != 3 or obs_shape[:2] != act_shape:
+            raise ValueError(
+                f"PatchQPolicy needs observations (B, N, F) and actions (B, N), got {obs_shape} and {act_shape}"
+            )
+        self.net_arch = [64, 64] if net_arch is None else list(net_arch)
+        self.activation_fn = activation_fn
+        self.q_net = PatchQNetwork(obs_shape[-1], self.net_arch, activation_fn)
+        self.q_net_target = PatchQNetwork(obs_shape[-1], self.net_arch, activation_fn)
+        self.q_net_target.load_state_dict(self.q_net.state_dict())
+        self.q_net_target.train(False)
+        self.optimizer = self.optimizer_class(self.q_net.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def forward(self, obs: th.Tensor, deterministic: bool = True) -> th.Tensor:
+        return self._predict(obs, deterministic=deterministic)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = True) -> th.Tensor:
+        # tanh keeps the order of the patch values and lands in the action space.
+        return th.tanh(self.q_net(observation))  # type: ignore[arg-type]
+
+    def set_training_mode(self, mode: bool) -> None:
+        self.q_net.train(mode)
+        self.training = mode
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            dict(
+                net_arch=self.net_arch,
+                activation_fn=self.activation_fn,
+                lr_schedule=self._dummy_schedule,
+                optimizer_class=self.optimizer_class,
+                optimizer_kwargs=self.optimizer_kwargs,
+            )
+        )
+        return data
+
+
+class PatchReplaySamples(NamedTuple):
+    """A minibatch of per-image decisions: features ``(b, N, F)``, kept masks ``(b, N)``, rewards ``(b,)``."""
+
+    observations: th.Tensor
+    actions: th.Tensor
+    rewards: th.Tensor
+
+
+class PatchReplayBuffer(ReplayBuffer):
+    """FIFO replay of *per-image* decisions for the ``patches`` mode (capacity counted in images).
+
+    ``add`` reads ``info["image_rewards"]`` and ``info["image_keep"]`` (the rewarded images, the first
+    ones of the batch) and stores, per image, its patch features, its kept-patch mask (``actions``,
+    uint8) and its reward. A step without them (e.g. a diverged ViT step) stores nothing. The arrays
+    are plain NumPy (``observations``, ``actions``, ``rewards``), so the agent's pickle-free
+    ``save_replay_buffer`` writes them like any SB3 replay buffer.
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+        optimize_memory_usage: bool = False,
+        handle_timeout_termination: bool = True,
+    ) -> None:
+        BaseBuffer.__init__(self, buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        _, n, f = observation_space.shape
+        self.optimize_memory_usage = False
+        self.handle_timeout_termination = handle_timeout_termination
+        self.observations = np.zeros((self.buffer_size, n, f), dtype=np.float32)
+        self.next_observations = None  # type: ignore[assignment]
+        self.actions = np.zeros((self.buffer_size, n), dtype=np.uint8)
+        self.rewards = np.zeros((self.buffer_size,), dtype=np.float32)
+        self.dones = None  # type: ignore[assignment]
+        self.timeouts = None  # type: ignore[assignment]
+
+    def add(  # type: ignore[override]
+        self,
+        obs: np.ndarray,
+        next_obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        done: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        for env_i, info in enumerate(infos):
+            rewards, keep = info.get("image_rewards"), info.get("image_keep")
+            if rewards is None or keep is None:
+                continue
+            for img, (r, kept) in enumerate(zip(np.asarray(rewards), np.asarray(keep), strict=True)):
+                self.observations[self.pos] = obs[env_i, img]
+                self.actions[self.pos] = 0
+                self.actions[self.pos, kept] = 1
+                self.rewards[self.pos] = r
+                self.pos += 1
+                if self.pos == self.buffer_size:
+                    self.full, self.pos = True, 0
+
+    def sample(self, batch_size: int, env: Any = None) -> PatchReplaySamples:  # type: ignore[override]
+        upper = self.buffer_size if self.full else self.pos
+        idx = np.random.randint(0, upper, size=batch_size)
+        return PatchReplaySamples(
+            self.to_torch(self.observations[idx]), self.to_torch(self.actions[idx]), self.to_torch(self.rewards[idx])
+        )
+
+
+class DDQN(SafeSaveMixin, OffPolicyAlgorithm):
     """Double DQN for ``Discrete`` and (branching head) ``MultiBinary`` action spaces.
 
     The online network chooses the next action and the target network evaluates it::
@@ -282,6 +457,8 @@ class DDQN(OffPolicyAlgorithm):
     }
     #: Policies used instead of ``policy_aliases`` when the action space is ``MultiBinary``.
     branching_policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": BranchingQPolicy}
+    #: Policies used for ``PatchSelectEnv``'s ``patches`` mode (Box scores over per-patch features).
+    patch_policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": PatchQPolicy}
 
     policy: DQNPolicy
     q_net: nn.Module
@@ -351,7 +528,7 @@ class DDQN(OffPolicyAlgorithm):
             device=device,
             seed=seed,
             sde_support=False,
-            supported_action_spaces=(spaces.Discrete, spaces.MultiBinary),
+            supported_action_spaces=(spaces.Discrete, spaces.MultiBinary, spaces.Box),
             support_multi_env=True,
         )
         if isinstance(policy, str) and env is not None and isinstance(self.action_space, spaces.MultiBinary):
@@ -361,6 +538,20 @@ class DDQN(OffPolicyAlgorithm):
                     f"use one of {sorted(self.branching_policy_aliases)}"
                 )
             self.policy_class = self.branching_policy_aliases[policy]
+        if env is not None and isinstance(self.action_space, spaces.Box):
+            shape = tuple(self.action_space.shape)
+            obs_shape = tuple(self.observation_space.shape or ())
+            if len(shape) != 2 or obs_shape[:2] != shape or len(obs_shape) != 3:
+                raise ValueError(
+                    "DDQN supports Box actions only as per-patch scores (B, N) over observations (B, N, F) "
+                    f"(PatchSelectEnv's patches mode), got actions {shape} and observations {obs_shape}"
+                )
+            if isinstance(policy, str):
+                if policy not in self.patch_policy_aliases:
+                    raise ValueError(f"Policy {policy!r} is not available for the patches mode; use MlpPolicy")
+                self.policy_class = self.patch_policy_aliases[policy]
+            if self.replay_buffer_class is None:
+                self.replay_buffer_class = PatchReplayBuffer
 
         self.target_update_interval = target_update_interval
         self.target_update_unit = target_update_unit
@@ -452,6 +643,11 @@ class DDQN(OffPolicyAlgorithm):
         """True for ``MultiBinary`` actions (branching head)."""
         return isinstance(self.action_space, spaces.MultiBinary)
 
+    @property
+    def is_patch_mode(self) -> bool:
+        """True for per-patch scores (``PatchSelectEnv``'s ``patches`` mode): one decision per image."""
+        return isinstance(self.action_space, spaces.Box)
+
     # ------------------------------------------------------------------ exploration
 
     def _exploration_value(self) -> float:
@@ -493,6 +689,14 @@ class DDQN(OffPolicyAlgorithm):
             return action, state
         vectorized = self.policy.is_vectorized_observation(observation)
         batch = action if vectorized else action[None]
+        if self.is_patch_mode:
+            # Explore per image: a row of uniform scores, i.e. a uniformly random set of k patches.
+            rng = self.action_space.np_random
+            explore_rows = rng.random(batch.shape[:2]) < self.exploration_rate
+            if explore_rows.any():
+                batch = batch.copy()
+                batch[explore_rows] = rng.uniform(-1, 1, size=(int(explore_rows.sum()), batch.shape[-1]))
+            return (batch if vectorized else batch[0]), state
         explore = self.action_space.np_random.random(len(batch)) < self.exploration_rate
         if explore.any():
             batch = batch.copy()
@@ -581,6 +785,9 @@ class DDQN(OffPolicyAlgorithm):
         """Run ``gradient_steps`` Double-DQN updates on minibatches from the replay buffer."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
+        if self.is_patch_mode:
+            self._train_patches(gradient_steps, batch_size)
+            return
         losses, q_means = [], []
         for _ in range(gradient_steps):
             replay_data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
@@ -605,6 +812,37 @@ class DDQN(OffPolicyAlgorithm):
             if self.target_update_unit == "update" and self._n_updates % self.target_update_interval == 0:
                 self._update_target()
 
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/loss", float(np.mean(losses)))
+        self.logger.record("train/q_mean", float(np.mean(q_means)))
+
+    def _train_patches(self, gradient_steps: int, batch_size: int) -> None:
+        """Per-image updates of the patches mode: regress the kept set's value on the image's reward.
+
+        Each image is a one-step decision (its patches do not change which image comes next, and its
+        reward, the loss gap to all patches, is immediate), so the target is the reward itself: a
+        contextual bandit, the ``gamma -> 0`` limit of the Double-DQN target, and the target network
+        is not needed for it.
+        """
+        buffer = self.replay_buffer
+        assert isinstance(buffer, PatchReplayBuffer)
+        if buffer.size() == 0:
+            return
+        losses, q_means = [], []
+        for _ in range(gradient_steps):
+            data = buffer.sample(batch_size)
+            q = self.q_net(data.observations)  # (b, N) patch values
+            mask = data.actions.float()
+            # Q(s, S) = mean of the kept patches' values.
+            current_q = (q * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+            loss = F.smooth_l1_loss(current_q, data.rewards)
+            losses.append(loss.item())
+            q_means.append(current_q.mean().item())
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            self._n_updates += 1
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", float(np.mean(losses)))
         self.logger.record("train/q_mean", float(np.mean(q_means)))

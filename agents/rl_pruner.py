@@ -64,6 +64,9 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
+from keepgym.agents.callbacks import with_progress_bar
+from keepgym.agents.serialization import SafeSaveMixin
+
 __all__ = ["PruneDistributionPolicy", "RLPruner"]
 
 logger = logging.getLogger(__name__)
@@ -310,7 +313,7 @@ class PruneDistributionPolicy(BasePolicy):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _StagedPrunerBase(BaseAlgorithm):
+class _StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
     """An SB3 algorithm whose timestep is one committed pruning stage of a ``PruneEnv``-like env.
 
     Subclasses implement :meth:`_plan_stage` (which action to commit, and what to log about the
@@ -329,7 +332,7 @@ class _StagedPrunerBase(BaseAlgorithm):
         policy: str | type[PruneDistributionPolicy],
         env: GymEnv | str | None,
         *,
-        image_log_interval: int = 10,
+        image_log_interval: int = 1,
         tensorboard_log: str | None = None,
         seed: int | None = None,
         device: th.device | str = "auto",
@@ -463,14 +466,14 @@ class _StagedPrunerBase(BaseAlgorithm):
             tb_log_name: Name of the TensorBoard run (``<tensorboard_log>/<tb_log_name>_<n>``).
             reset_num_timesteps: Start the timestep count (and the env) afresh. False continues the current
                 episode, e.g. after ``load(path, env, force_reset=False)`` to resume a run.
-            progress_bar: Show a tqdm/rich progress bar over stages.
+            progress_bar: Show a progress bar over stages (count, rate, ETA), as SB3's ``progress_bar``.
 
         Returns:
             self
         """
-        total_timesteps, callback = self._setup_learn(
-            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
-        )
+        if progress_bar:  # SB3's bar, but naming what it counts (stages) and the algorithm
+            callback = with_progress_bar(callback, desc=type(self).__name__, unit="stage")
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         raw = self._raw_env()
         callback.on_training_start(locals(), globals())
         assert self._last_obs is not None and self._last_episode_starts is not None
@@ -609,7 +612,7 @@ class RLPruner(_StagedPrunerBase):
         noise: ``"absolute"`` (reference) or ``"relative"`` (noise scaled by ``pi * n_active_groups``).
         carry_distribution: Keep ``pi`` across episodes. By default every episode (a full compression run
             from the original model) restarts from the width-proportional ``pi``, as the reference.
-        image_log_interval: Log a bar-chart image of ``pi`` every this many stages (0: never).
+        image_log_interval: Log a bar-chart image of ``pi`` every this many stages (0: never; ~0.1 s each).
         tensorboard_log: TensorBoard log folder (None: no TensorBoard).
         seed: Seed of the agent's numpy Generator (sampling, epsilon draws) and of SB3's global RNGs.
         device: Accepted for SB3 compatibility; the agent does its (tiny) maths on the CPU.
@@ -636,7 +639,7 @@ class RLPruner(_StagedPrunerBase):
         exploration_schedule: Literal["cosine", "linear", "constant"] = "cosine",
         noise: Literal["absolute", "relative"] = "absolute",
         carry_distribution: bool = False,
-        image_log_interval: int = 10,
+        image_log_interval: int = 1,
         tensorboard_log: str | None = None,
         seed: int | None = None,
         device: th.device | str = "auto",

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 from gymnasium import spaces
 
-from keepgym.envs.data import DATASETS, DatasetSplits, load_dataset
+from keepgym.envs.data import DATASETS, DatasetNotFoundError, DatasetSplits, load_dataset
 from keepgym.envs.distill import distill
 from keepgym.envs.pruning import CRITERIA, GroupPruner, count_macs_params
+from keepgym.envs.splits import SplitMismatchError, check_split, read_split, split_record
 
 __all__ = [
     "PruneEnv",
@@ -73,10 +74,38 @@ def _train_command(model_name: str, dataset: str, width_mult: float, path: Path)
 
 @functools.lru_cache(maxsize=4)
 def _load_data(
-    name: str, data_root: str | None, val_size: float | int, download: bool, train_size: int | None
+    name: str,
+    data_root: str | None,
+    val_size: float | int,
+    download: bool,
+    train_size: int | None,
+    seed: int = 0,
+    image_size: int | None = None,
 ) -> DatasetSplits:
     # Datasets are read-only here, so a few recent ones are shared between envs of one process.
-    return load_dataset(name, data_root, val_size=val_size, seed=0, download=download, train_size=train_size)
+    return load_dataset(
+        name, data_root, val_size=val_size, seed=seed, download=download, train_size=train_size, image_size=image_size
+    )
+
+
+def _recorded_split(
+    source: Path | None, val_size: float | int | None, train_size: int | None
+) -> tuple[dict | None, float | int, int | None, int]:
+    """The split recorded in the baseline's model file and the (val_size, train_size, seed) that rebuild it.
+
+    Without a record (an older file, no file): the given sizes (val_size 0.1 by default) and split seed 0.
+    Given sizes that contradict the record are refused: the reward would see the baseline's training images.
+    """
+    split = read_split(source) if source is not None and source.is_file() else None
+    if split is None:
+        return None, 0.1 if val_size is None else val_size, train_size, 0
+    for name, given in (("val_size", val_size), ("train_size", train_size)):
+        if given is not None and given != split[name]:
+            raise SplitMismatchError(
+                f"{source} was trained with {name}={split[name]!r}, not {given!r}; "
+                f"leave {name} unset to use the model's own split"
+            )
+    return split, split["val_size"], split["train_size"], int(split["seed"])
 
 
 def _train_baseline(
@@ -88,8 +117,17 @@ def _train_baseline(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trainer = Trainer(model, data, epochs=epochs, batch_size=64, augment=False, device=device, seed=seed)
-        for _ in range(epochs):
+        for epoch in range(epochs):
             stats = trainer.train_epoch()
+            # One line per epoch (a few seconds each on a CPU), so a first gym.make is not silent.
+            logger.info(
+                "baseline epoch %d/%d: train loss %.3f, val accuracy %.3f (%.1f s)",
+                epoch + 1,
+                epochs,
+                stats.train_loss,
+                stats.val_accuracy,
+                stats.seconds,
+            )
     model.eval()
     return stats.val_accuracy
 
@@ -232,13 +270,27 @@ class PruneEnv(gym.Env):
     ``terminated`` once ``round(target_sparsity * N0)`` channels are removed (after
     :attr:`num_stages` steps) or no group can give a channel any more. Never truncated.
 
+    *Compute targets.* With ``target_macs`` (or ``target_params``), a fraction of the original model's
+    MACs (params), the episode ends instead once the model is at or below it, and each stage removes
+    ``stage_sparsity`` of the *original* MACs (params) rather than a channel count: stage ``k`` brings the
+    model to ``max(target, 1 - (k + 1) * stage_sparsity)`` of the original (:attr:`stage_goal`), so
+    :attr:`num_stages` is ``ceil((1 - target) / stage_sparsity)`` and the target is met to within one
+    channel's cost. The action keeps its meaning (how the stage is split over the groups); the number of
+    channels is the smallest split in those proportions that meets the stage's goal (bisection over the
+    closed-form cost, :meth:`predict_cost`). Channel sparsity is still reported (``info["sparsity"]``).
+    This is how agents are compared at equal cost (``keepgym frontier``).
+
     ## Arguments
 
     * ``model_name``: a ``keepgym.models.create_model`` name (``vgg19``, ``resnet56``, ``googlenet``,
-      ``mobilenetv3_large``, ``densenet121``, ``vgg11``, ...).
+      ``mobilenetv3_large``, ``densenet121``, ``vgg11``, ...) or reference (``torchvision:resnet18``,
+      ``timm:NAME``, ``pkg.module:factory``).
     * ``dataset`` / ``data_root`` / ``download`` / ``val_size`` / ``train_size``: passed to
-      :func:`keepgym.envs.data.load_dataset` (split seed 0, as ``keepgym train`` uses, so the validation
-      images were never trained on). ``eval_size``: score on this many validation images (a
+      :func:`keepgym.envs.data.load_dataset`. The split is the one recorded in the baseline's model file
+      (dataset, seed, ``val_size``, ``train_size``; :mod:`keepgym.envs.splits`), rebuilt and checked
+      against the file's fingerprint, so the validation images were never trained on; a ``val_size`` or
+      ``train_size`` that contradicts the record raises ``SplitMismatchError``. A file without a record:
+      split seed 0, ``val_size`` 0.1 unless given. ``eval_size``: score on this many validation images (a
       seeded subset; None = all).
     * ``checkpoint``: a ``keepgym.models.save_model`` file of ``model_name`` (another model is a
       ``ValueError``; unreadable or foreign files raise ``keepgym.models.ModelLoadError``). Without it and
@@ -248,6 +300,9 @@ class PruneEnv(gym.Env):
       ``pretrained=False``: a randomly initialised model (smoke tests only).
     * ``width_mult``: channel multiplier of the model (tiny models for tests).
     * ``target_sparsity`` (0.6), ``stage_sparsity`` (0.05): fractions of ``N0``.
+    * ``target_macs``, ``target_params`` (None): a compute target instead, a fraction in (0, 1) of the
+      original MACs / params (one of them); ``stage_sparsity`` is then the fraction of the original
+      MACs / params a stage removes. ``image_size``: passed to ``load_dataset`` (e.g. an image folder).
     * ``criterion``: ``taylor`` | ``l1`` | ``l2`` | ``random``; ``calibration_size``: Taylor images.
     * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
     * ``finetune_steps``: KD steps after each stage (0); ``finetune_lr``, ``kd_temperature``,
@@ -260,7 +315,8 @@ class PruneEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version.
+    * v0: initial version. ``target_macs``/``target_params`` were added later without a version bump:
+      they are off by default, and the observation and reward keep their meaning.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"]}
@@ -279,7 +335,7 @@ class PruneEnv(gym.Env):
         alpha: float = 0.0,
         beta: float = 0.0,
         finetune_steps: int = 0,
-        val_size: float | int = 0.1,
+        val_size: float | int | None = None,
         eval_size: int | None = None,
         calibration_size: int = 128,
         min_channels: int = 1,
@@ -295,8 +351,30 @@ class PruneEnv(gym.Env):
         finetune_lr: float = 1e-3,
         kd_temperature: float = 2.0,
         kd_weight: float = 0.75,
+        target_macs: float | None = None,
+        target_params: float | None = None,
+        image_size: int | None = None,
     ) -> None:
         super().__init__()
+        if target_macs is not None and target_params is not None:
+            raise ValueError("give target_macs or target_params, not both")
+        #: ``"macs"``, ``"params"`` (a compute target) or None (a channel-sparsity target)
+        self.compute_target: str | None = (
+            "macs" if target_macs is not None else "params" if target_params is not None else None
+        )
+        #: the compute target as a fraction of the original model's MACs/params (None: channel target)
+        self.target_ratio: float | None = None
+        if self.compute_target is not None:
+            ratio = float(target_macs if target_macs is not None else target_params)
+            if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
+                raise ValueError(f"target_{self.compute_target} must be in (0, 1), got {ratio}")
+            if not 0.0 < stage_sparsity <= 1.0 - ratio:
+                raise ValueError(
+                    f"stage_sparsity (the fraction of the original {self.compute_target} a stage removes) must be "
+                    f"in (0, 1 - target_{self.compute_target}={1.0 - ratio:g}], got {stage_sparsity}"
+                )
+            self.target_ratio = ratio
+            target_sparsity = max(float(target_sparsity), float(stage_sparsity))  # unused; keeps the checks valid
         self._validate_args(
             dataset,
             target_sparsity,
@@ -339,22 +417,47 @@ class PruneEnv(gym.Env):
         self.device = torch.device(device)
 
         if model is None:
-            from keepgym.models import list_models
+            from keepgym.models import resolve_model
 
-            if model_name not in list_models():
-                raise ValueError(f"unknown model {model_name!r}; valid: {', '.join(list_models())}")
+            resolve_model(model_name)  # zoo name, torchvision:NAME, timm:NAME or pkg.module:factory
         if model is None and checkpoint is None and pretrained and dataset not in _OFFLINE_DATASETS:
             path = default_checkpoint_path(model_name, dataset, width_mult)
             if not path.is_file():  # before loading the data, which may be missing too
                 raise FileNotFoundError(
                     f"no trained {model_name} for {dataset} at {path}. Train it with:\n"
                     f"    {_train_command(model_name, dataset, width_mult, path)}\n"
-                    f"or pass checkpoint=PATH (or pretrained=False for a random model)"
+                    f"or pass checkpoint=PATH (CLI: --checkpoint PATH), or pretrained=False for a random model"
                 )
         if data is None:
-            data = _load_data(
-                dataset, None if data_root is None else str(data_root), val_size, download, train_size
+            source = Path(checkpoint).expanduser() if checkpoint is not None else None
+            if source is None and model is None and pretrained:
+                source = default_checkpoint_path(model_name, dataset, width_mult)
+            split, val_size, train_size, split_seed = _recorded_split(
+                None if model is not None else source, val_size, train_size
             )
+            if split is not None and image_size is None and split.get("image_size") and dataset == "folder":
+                image_size = int(split["image_size"])  # the size the baseline was trained at (image folders)
+            try:
+                data = _load_data(
+                    dataset,
+                    None if data_root is None else str(data_root),
+                    val_size,
+                    download,
+                    train_size,
+                    split_seed,
+                    image_size,
+                )
+            except DatasetNotFoundError as err:
+                # The data layer words its hint for the CLI; a Python caller holds keyword arguments.
+                raise DatasetNotFoundError(
+                    f"{err}\nFrom Python: pass download=True (needs internet) or data_root=DIR "
+                    f"to gym.make/PruneEnv."
+                ) from None
+            if split is not None:
+                check_split(data, split, source)
+            self._split_args: tuple | None = (val_size, train_size, split_seed)
+        else:
+            self._split_args = None
         self.data = data
         teacher = self._build_model(model, model_name, checkpoint, pretrained, width_mult, baseline_epochs)
         classifier = _classifier(teacher)
@@ -384,12 +487,15 @@ class PruneEnv(gym.Env):
         w0 = self.initial_group_widths
         floor = self._min_width()
         capacity = int(np.where((w0 // self.round_to) * self.round_to >= floor, w0 - floor, 0).sum())
-        if self.target_channels > capacity:
+        if self.compute_target is not None:
+            self._init_compute_target(w0, floor, capacity)
+        elif self.target_channels > capacity:
             raise ValueError(
                 f"target_sparsity={target_sparsity} asks for {self.target_channels} of {self.n0} channels, "
                 f"but min_channels={min_channels}/round_to={round_to} leave only {capacity} removable"
             )
-        self.num_stages = math.ceil(self.target_channels / self.stage_size)
+        if self.compute_target is None:
+            self.num_stages = math.ceil(self.target_channels / self.stage_size)
 
         g = self.num_groups
         self.observation_space = spaces.Box(0.0, 1.0, (g + 4,), dtype=np.float32)
@@ -399,6 +505,55 @@ class PruneEnv(gym.Env):
         self._reset_state()
 
     # ------------------------------------------------------------------ construction
+    def _init_compute_target(self, w0: np.ndarray, floor: int, capacity: int) -> None:
+        """Stages and reachability of a MACs/params target (``target_macs``/``target_params``)."""
+        ratio = self.target_ratio
+        # a float tolerance, so that e.g. (1 - 0.7) / 0.15 is 2 stages, not 3
+        self.num_stages = max(1, math.ceil((1.0 - ratio) / self.stage_sparsity - 1e-9))
+        self.target_channels = capacity  # the channel budget is no limit: the compute target ends the episode
+        cost = self._pruner.cost_model(self.input_size, self.macs0, self.params0)
+        smallest = np.where((w0 // self.round_to) * self.round_to >= floor, floor, w0)
+        reachable = cost(smallest)[self._metric_index] / self._metric0
+        if reachable > ratio:
+            raise ValueError(
+                f"target_{self.compute_target}={ratio:g} is out of reach: with min_channels={self.min_channels}"
+                f"/round_to={self.round_to} the smallest model keeps {reachable:.3f} of the original "
+                f"{self.compute_target}"
+            )
+
+    @property
+    def _metric_index(self) -> int:
+        return 0 if self.compute_target == "macs" else 1
+
+    @property
+    def _metric0(self) -> int:
+        return self.macs0 if self.compute_target == "macs" else self.params0
+
+    @property
+    def stage_goal(self) -> int | None:
+        """With a compute target: the MACs (or params) the model may have at most after this stage.
+
+        Stage ``k`` (0-based) brings the model to ``max(target, 1 - (k + 1) * stage_sparsity)`` of the
+        original, so every stage removes the same fraction of the *original* MACs/params and the last
+        one lands on the target. None for a channel-sparsity target.
+        """
+        if self.compute_target is None:
+            return None
+        fraction = max(self.target_ratio, 1.0 - (self.stage + 1) * self.stage_sparsity)
+        return int(math.floor(fraction * self._metric0 + 1e-6))
+
+    def predict_cost(self, counts: Any) -> tuple[int, int]:
+        """``(macs, params)`` after removing ``counts[g]`` channels from each group this stage (closed form)."""
+        self._require_started()
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (self.num_groups,):
+            raise ValueError(f"counts must have shape ({self.num_groups},), got {counts.shape}")
+        return self._cost(self.group_widths - counts)
+
+    def _compute_target_met(self) -> bool:
+        value = self.macs if self.compute_target == "macs" else self.params
+        return value <= math.floor(self.target_ratio * self._metric0 + 1e-6)
+
     @staticmethod
     def _validate_args(
         dataset,
@@ -466,7 +621,9 @@ class PruneEnv(gym.Env):
             path = Path(checkpoint).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {path} does not exist")
-            loaded = models.load_model(path, map_location="cpu")
+            # model_name is what the user named: a pkg.module:factory file of that name may be rebuilt
+            trust = model_name if isinstance(model_name, str) and ":" in model_name else None
+            loaded = models.load_model(path, map_location="cpu", trust_factory=trust)
             saved_name = getattr(loaded, "keepgym_spec", {}).get("name")
             if saved_name != model_name:
                 raise ValueError(
@@ -482,6 +639,7 @@ class PruneEnv(gym.Env):
                 return models.create_model(model_name, data.num_classes, width_mult, data.in_chans)
         path = default_checkpoint_path(model_name, self.dataset, width_mult)
         if path.is_file():
+            logger.info("using the cached %s baseline at %s", model_name, path)
             return models.load_model(path, map_location="cpu")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -494,7 +652,13 @@ class PruneEnv(gym.Env):
             path,
         )
         acc = _train_baseline(model.to(self.device), data, baseline_epochs, self.device)
-        models.save_model(model.cpu(), path, dataset=self.dataset, val_accuracy=acc, epochs=baseline_epochs)
+        extra = {}
+        if self._split_args is not None:  # the split this baseline is trained on travels with it
+            val_size, train_size, seed = self._split_args
+            extra["split"] = split_record(data, seed=seed, val_size=val_size, train_size=train_size)
+        models.save_model(
+            model.cpu(), path, dataset=self.dataset, val_accuracy=acc, epochs=baseline_epochs, **extra
+        )
         return model
 
     def _fresh_model(self) -> nn.Module:
@@ -538,9 +702,15 @@ class PruneEnv(gym.Env):
 
     @property
     def stage_budget(self) -> int:
-        """Channels the current stage removes (``M``, less in the last stage, 0 once done)."""
+        """Channels the current stage removes (``M``, less in the last stage, 0 once done).
+
+        With a compute target the count depends on the action; this is the count of a uniform split
+        (every group gives the same fraction of its width).
+        """
         if self._terminated:
             return 0
+        if self.compute_target is not None:
+            return int(self.allocate(self.group_widths.astype(np.float64)).sum())
         return int(min(self.stage_size, self.target_channels - self._removed))
 
     @property
@@ -603,17 +773,51 @@ class PruneEnv(gym.Env):
         if a.max() > 0:
             a = a / a.max()  # scale first: the sum of huge weights (1e308) would overflow to inf
         p = a / a.sum() if a.sum() > 0 else np.full(self.num_groups, 1.0 / self.num_groups)
-        budget = self.stage_budget
         widths = self.group_widths
         cap = self._capacity(widths)
+        if self._terminated:
+            return np.zeros(self.num_groups, dtype=np.int64)
+        if self.compute_target is not None:
+            return self._units_to_counts(self._compute_units(p, cap), widths)
+        budget = self.stage_budget
         if budget <= 0:
             return np.zeros(self.num_groups, dtype=np.int64)
         r = self.round_to
-        units = _waterfill(p, max(1, int(round(budget / r))) if r > 1 else budget, cap)
+        return self._units_to_counts(_waterfill(p, max(1, int(round(budget / r))) if r > 1 else budget, cap), widths)
+
+    def _units_to_counts(self, units: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        r = self.round_to
         if r == 1:
             return units
         first = np.where(widths % r != 0, widths % r, r)  # the first unit of an off-multiple width is smaller
         return np.where(units > 0, first + r * (units - 1), 0).astype(np.int64)
+
+    def _compute_units(self, p: np.ndarray, cap: np.ndarray) -> np.ndarray:
+        """The smallest split of the stage, in proportion to ``p``, that meets :attr:`stage_goal`.
+
+        Bisection over the number of units (channels, or ``round_to`` multiples) split by ``p``; the
+        MACs/params of each split come from the stage's closed-form cost model. If even every
+        removable unit cannot meet the goal, all of them go.
+        """
+        widths, goal, k = self.group_widths, self.stage_goal, self._metric_index
+
+        def split(n: int) -> np.ndarray:
+            return _waterfill(p, n, cap)
+
+        def meets(units: np.ndarray) -> bool:
+            return self._cost(widths - self._units_to_counts(units, widths))[k] <= goal
+
+        total = int(cap.sum())
+        if total == 0 or not meets(split(total)):
+            return split(total)
+        lo, hi = 1, total
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if meets(split(mid)):
+                hi = mid
+            else:
+                lo = mid + 1
+        return split(lo)
 
     # ------------------------------------------------------------------ stage preparation
     def _prepare_stage(self) -> float:
@@ -738,7 +942,11 @@ class PruneEnv(gym.Env):
         self._removed += int(counts.sum())
         self.stage += 1
         self.last_accuracy = acc
-        self._terminated = self._removed >= self.target_channels or not self.prunable_mask().any()
+        if self.compute_target is not None:
+            reached = self._compute_target_met()
+        else:
+            reached = self._removed >= self.target_channels
+        self._terminated = reached or not self.prunable_mask().any()
         importance_s = 0.0 if self._terminated else self._prepare_stage()
         reward = self._reward(acc, self.macs, self.params)
         times = WallTimes(importance_s, surgery_s, finetune_s, eval_s, time.perf_counter() - t0)
@@ -864,7 +1072,8 @@ class PruneEnv(gym.Env):
         self._calib, self._val = snap["calib"], snap["val"]
         self.np_random.bit_generator.state = copy.deepcopy(snap["rng"])
         self._finetune_lr_scale = snap.get("finetune_lr_scale", 1.0)
-        self._pruner.set_ranking(self._scores)
+        if not self._terminated:  # an ended episode ranks no next stage (its scores predate the last step)
+            self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
 
     # ------------------------------------------------------------------ external weight updates

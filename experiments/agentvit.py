@@ -7,11 +7,25 @@ One ``PatchSelectEnv`` step is one ViT training step on one mini-batch, with the
 chooses (AgentViT; Cauteruccio et al., Applied Intelligence 2025); an epoch is an episode. The agent
 (``keepgym.agents.DDQN`` by default, or SB3's DQN, PPO, A2C) is trained by its own ``learn`` loop, which
 drives the env, so ViT and agent learn jointly and online. Warm-up epochs (all patches, nothing for
-the agent to learn) are run inside the env wrapper's ``reset``, so the agent only ever stores
+the agent to learn) are run inside the env's own ``reset``, so the agent only ever stores
 transitions that carry a reward.
 
+``--action-mode patches`` is the mode in which the agent decides **which** patches each image keeps
+(``PatchSelectEnv``'s per-patch features, ``DDQN``'s per-patch Q head, ``--target-keep`` patches per
+image, rewarded by the loss gap to all patches on the same images). ``ratio`` (how many; which ones
+is attention top-k) and ``mask`` (one set per batch) remain for SB3's discrete-action algorithms.
+
+CIFAR-10 on a 2-core CPU, the reduced preset the README reports (``vit_small``: dim 64, depth 4, 64
+patches of 4x4, 30 kept; 8,000 training images of which 800 held out for validation; 6 epochs; no
+warm-up; 3 seeds in parallel, one thread each, about 14 minutes in all on the shared machine)::
+
+    tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C ~/.cache/keepgym/cifar10-jpeg
+    keepgym agentvit --dataset folder --data-root ~/.cache/keepgym/cifar10-jpeg --action-mode patches \\
+        --preset vit_small --train-size 8000 --epochs 6 --warmup-epochs 0 --baseline --num-threads 1 --seed 0
+
 After training, the jointly trained ViT is scored on the **test** split four ways at the same mean
-number of kept patches ``k`` (the agent's own mean on the test split):
+number of kept patches ``k`` (the agent's own mean on the test split), through the env's own
+``evaluate``/``evaluate_policy``:
 
 * ``agent``: the agent chooses per batch, as during training (ViT: the joint one);
 * ``random``: ``k`` random patches per image (joint ViT);
@@ -30,8 +44,9 @@ Outputs in ``--out``: ``summary.json``, ``config.json``, ``agent.zip``, ``vit.pt
 :func:`keepgym.models.save_model`, with the selection settings ``keepgym evaluate --vit`` needs),
 ``baseline_vit.pt`` (with ``--baseline``), ``patches.png``, TensorBoard events (agent logs,
 ``env/*`` from :class:`keepgym.agents.callbacks.EnvInfoCallback`, ``eval/*`` per epoch) and
-``checkpoint/`` (after every epoch: ViT, optimiser, env and RNG states, agent zip and replay
-buffer), from which ``--resume`` continues.
+``checkpoint/NNNN/`` (one atomic folder per epoch, the newest ``--keep-checkpoints`` kept: the env's
+``state_dict`` (ViT, optimiser, data order, RNG), the agent, its replay buffer and the process RNGs),
+from which ``--resume`` continues exactly: a kill at any instant resumes to the uninterrupted result.
 
 Under ``torchrun --nproc-per-node N`` (``gloo`` on CPU, ``nccl`` on GPU) the joint ViT training is
 data-parallel: every rank builds the same seeded env and agent, each ViT step trains on the rank's slice
@@ -62,8 +77,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from keepgym.agents.serialization import load_replay_buffer, save_replay_buffer
 from keepgym.envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
 from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, is_main_process, main_first
+from keepgym.experiments.checkpoint import (
+    complete_checkpoints,
+    remove_partial_checkpoints,
+    retain_checkpoints,
+    write_dir_atomically,
+)
 from keepgym.experiments.common import (
     CliError,
     arg,
@@ -81,7 +103,6 @@ __all__ = [
     "DESCRIPTION",
     "train_agentvit",
     "run",
-    "evaluate_selection",
     "evaluate_agentvit",
     "benchmark_agentvit",
 ]
@@ -90,16 +111,20 @@ logger = logging.getLogger(__name__)
 
 COMMAND = "agentvit"
 DESCRIPTION = (
-    "Train a ViT jointly with an RL agent that picks its patches (AgentViT); compare with heuristics."
+    "Train a ViT jointly with an RL agent that picks its patches (AgentViT); compare with heuristics. "
+    "CIFAR-10 preset for a 2-core CPU (reduced: vit_small = dim 64, depth 4; 8,000 training images; "
+    "6 epochs; README): --dataset folder --data-root DIR --action-mode patches --preset vit_small "
+    "--train-size 8000 --epochs 6 --warmup-epochs 0 --baseline --num-threads 1."
 )
 
 ALGOS = ("ddqn", "dqn", "ppo", "a2c")
-ACTION_MODES = ("ratio", "mask")
+ACTION_MODES = ("ratio", "mask", "patches")
 VIT_PRESETS = ("vit_tiny", "vit_small", "vit_cifar")
 AGENT_PRESETS = ("ours", "agentvit")
 STATES = ("attention", "agentvit")
 BLOCKS = ("full", "agent", "random", "topk", "joint_full")
 _TB_NAME = "agentvit"
+_STATE_FILE = "state.pt"
 
 
 @dataclass
@@ -111,7 +136,8 @@ class AgentViTConfig:
     epochs: int = arg(15, help="training epochs (one epoch = one episode)")
     action_mode: str = arg(
         "ratio",
-        help="ratio: a keep ratio per batch, top-k per image; mask: one mask per batch",
+        help="ratio: a keep ratio per batch, top-k per image; mask: one mask per batch; "
+        "patches: the agent picks which --target-keep patches each image keeps (ddqn)",
         choices=ACTION_MODES,
     )
     algo: str = arg(
@@ -131,6 +157,9 @@ class AgentViTConfig:
     target_keep: int | None = arg(None, help="patches the reward aims for (default round(30/64 * N))")
     keep_ratios: tuple[float, ...] = arg((0.25, 0.375, 0.5, 0.75, 1.0), help="keep ratios of the ratio mode")
     patch_weight: float = arg(20.0, help="weight of the patch-count reward term")
+    reward_images: int | None = arg(
+        None, help="patches mode: images per batch whose all-patch loss sets the reward (default batch/8)"
+    )
     state: str = arg(
         "attention", help="observation: attention received per patch, or agentvit", choices=STATES
     )
@@ -151,9 +180,14 @@ class AgentViTConfig:
     seed: int = arg(0, help="random seed (data split, ViT initialisation, data order, agent)")
     force: bool = arg(False, help="overwrite an existing run folder")
     resume: bool = arg(False, help="continue the interrupted run in --out")
+    keep_checkpoints: int = arg(2, help="epoch checkpoints kept (the newest N)")
     progress: bool = arg(True, help="show a progress bar")
     # Tests only: stop (as if killed) right after the checkpoint of this epoch.
     _stop_after_epoch: int | None = None
+    # Tests only: stop (as if killed) while writing the checkpoint of this epoch (a partial folder stays).
+    _stop_in_checkpoint: int | None = None
+    # Tests only: stop (as if killed) after this many agent steps (mid-epoch, no checkpoint).
+    _stop_after_steps: int | None = None
 
 
 Config = AgentViTConfig
@@ -215,6 +249,15 @@ def validate(cfg: AgentViTConfig) -> None:
             "--algo dqn supports only --action-mode ratio (SB3's DQN needs a Discrete action space); "
             "use --algo ddqn, ppo or a2c for masks",
         ),
+        (
+            cfg.action_mode != "patches" or cfg.algo == "ddqn",
+            "--action-mode patches needs --algo ddqn (a per-patch Q head); SB3's algorithms use ratio or mask",
+        ),
+        (
+            cfg.reward_images is None or 1 <= cfg.reward_images <= cfg.batch_size,
+            f"--reward-images must be in [1, --batch-size], got {cfg.reward_images}",
+        ),
+        (cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -233,8 +276,10 @@ def validate(cfg: AgentViTConfig) -> None:
     depth = _vit_dims(cfg.preset)["depth"]
     if cfg.state_layer >= depth:
         raise CliError(f"--state-layer must be < the depth {depth} of {cfg.preset}, got {cfg.state_layer}")
-    if cfg.data_root is not None and not Path(cfg.data_root).is_dir() and not cfg.download:
-        raise CliError(f"--data-root {cfg.data_root} is not a folder")
+    if cfg.dataset == "folder" and cfg.data_root is None:
+        raise CliError("--dataset folder needs --data-root DIR (an image folder, or a .tar.gz/.zip of one)")
+    if cfg.data_root is not None and not Path(cfg.data_root).expanduser().exists() and not cfg.download:
+        raise CliError(f"--data-root {cfg.data_root} does not exist")
 
 
 def _vit_dims(preset: str) -> dict[str, int]:
@@ -247,118 +292,47 @@ def _vit_dims(preset: str) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- env wrapper
 class _JointTraining(gym.Wrapper):
-    """``PatchSelectEnv`` as the agent sees it: warm-up hidden, resumable, with a progress hook.
+    """``PatchSelectEnv`` as the CLI drives it: a progress hook, steps counted, checkpoint restore.
 
-    * ``reset`` runs the warm-up epochs itself (ViT on all patches, reward 0), so every transition the
-      agent stores carries a reward.
-    * Before every un-seeded inner reset it records the env state that reset starts from; with the
-      ViT/optimiser weights and the steps taken since, that is enough to rebuild the env exactly
-      (:meth:`state`, :meth:`restore_on_next_reset`). This reaches into ``PatchSelectEnv``'s private
-      attributes (``_epoch``, ``_loss_ref``, ``_loader``, ``_iter`` ...): the env has no public
-      state_dict yet.
-    * A mask that keeps nothing (a greedy branching head can say "drop" on every branch) is replaced
-      by the patch with the highest observed attention, so training never stops on it.
+    Warm-up and the at-least-one-patch rule are the env's own. :meth:`state` is the env's public
+    ``state_dict`` plus the steps taken in the epoch; :meth:`restore_on_next_reset` makes the next
+    ``reset`` (the one ``learn`` makes on a resumed agent) load it instead of starting a run.
     """
 
     def __init__(self, env: gym.Env, on_step: Callable[[dict], None] | None = None) -> None:
         super().__init__(env)
         self.on_step = on_step
         self.steps_in_epoch = 0
-        self._pre_reset: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
-        self._obs: np.ndarray | None = None
 
     @property
     def core(self) -> Any:
         return self.env.unwrapped
 
-    def _warmup_action(self) -> Any:
-        if self.core.action_mode == "ratio":
-            return len(self.core.keep_ratios) - 1
-        return np.ones(self.core.num_patches, dtype=np.int8)
-
-    def _fix(self, action: Any) -> Any:
-        if self.core.action_mode == "mask":
-            a = np.asarray(action).reshape(-1)
-            if a.size == self.core.num_patches and not a.any():
-                a = np.zeros_like(a)
-                a[int(np.argmax(self._obs))] = 1
-                return a
-        return action
-
-    def _inner_reset(self, seed: int | None, options: dict | None) -> tuple[np.ndarray, dict]:
-        core = self.core
-        if seed is None and core._run_started:
-            self._pre_reset = {
-                "epoch": core._epoch,
-                "loss_ref": core._loss_ref,
-                "generator": core._loader.generator.get_state(),
-                "np_random": copy.deepcopy(core.np_random.bit_generator.state),
-            }
-        obs, info = self.env.reset(seed=seed, options=options)
-        self.steps_in_epoch = 0
-        self._obs = obs
-        return obs, info
-
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         if self._pending is not None:
-            return self._restore(self._pending.pop("state"))
-        obs, info = self._inner_reset(seed, options)
-        while info.get("warmup"):
-            truncated = False
-            while not truncated:
-                obs, _, _, truncated, step_info = self.step(self._warmup_action())
-            obs, info = self._inner_reset(None, None)
+            state, self._pending = self._pending, None
+            self.core.load_state_dict(state["env"])
+            self.steps_in_epoch = int(state["steps_in_epoch"])
+            return self.core.observe(), {"epoch": self.core.epoch}
+        obs, info = self.env.reset(seed=seed, options=options)
+        self.steps_in_epoch = 0
         return obs, info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        obs, reward, terminated, truncated, info = self.env.step(self._fix(action))
+        obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps_in_epoch += 1
-        self._obs = obs
         if self.on_step is not None:
             self.on_step(info)
         return obs, reward, terminated, truncated, info
 
-    # ------------------------------------------------------------------ checkpoint support
     def state(self) -> dict[str, Any]:
-        """Everything needed to rebuild the env at this point (between two steps)."""
-        core = self.core
-        if self._pre_reset is None:
-            raise RuntimeError("no epoch boundary seen yet; nothing to checkpoint")
-        return {
-            "vit": core.vit.state_dict(),
-            "optimizer": core._optimizer.state_dict(),
-            "pre_reset": self._pre_reset,
-            "steps_in_epoch": self.steps_in_epoch,
-        }
+        """The env's training state (between two steps) and the steps taken in its epoch."""
+        return {"env": self.core.state_dict(), "steps_in_epoch": self.steps_in_epoch}
 
     def restore_on_next_reset(self, state: dict[str, Any]) -> None:
         """Make the next ``reset`` rebuild ``state`` instead of starting or continuing a run."""
-        self._pending = {"state": state}
-
-    def _restore(self, state: dict[str, Any]) -> tuple[np.ndarray, dict]:
-        self._pending = None
-        core = self.core
-        core.reset(seed=0)  # builds the optimiser; the weights are replaced next
-        core.vit.load_state_dict(state["vit"])
-        core._optimizer.load_state_dict(state["optimizer"])
-        pre = state["pre_reset"]
-        core._epoch = pre["epoch"]
-        core._loss_ref = pre["loss_ref"]
-        core._loader.generator.set_state(pre["generator"])
-        core.np_random.bit_generator.state = pre["np_random"]
-        obs, info = self._inner_reset(None, None)
-        steps = int(state["steps_in_epoch"])
-        if steps:
-            # Replay the data stream to where it was (augmentation draws included), then score.
-            for _ in range(steps):
-                core._batch = next(core._iter)
-            core._step = steps
-            core._scores = core._score(core._batch[0])
-            obs = core._observation()
-            self.steps_in_epoch = steps
-            self._obs = obs
-        return obs, info
+        self._pending = state
 
 
 # --------------------------------------------------------------------------- agents
@@ -380,6 +354,21 @@ def _make_agent(cfg: AgentViTConfig, env: gym.Env, steps_per_epoch: int, tensorb
     starts = max(1, min(100, steps_per_epoch))
     cls = _agent_class(cfg.algo)
     if cfg.algo == "ddqn":
+        if cfg.action_mode == "patches":
+            # One decision per rewarded image (reward_images per step): thousands in a short run, so a
+            # tenth of an epoch of random choices is enough to start, epsilon reaches its floor after a
+            # quarter of the run, and each update regresses 128 images' rewards (cheap next to a ViT step).
+            return cls(
+                "MlpPolicy",
+                env,
+                learning_rate=1e-3,
+                buffer_size=50_000,
+                learning_starts=max(1, steps_per_epoch // 10),
+                batch_size=128,
+                exploration_fraction=0.25,
+                exploration_final_eps=0.05,
+                **common,
+            )
         if cfg.agent_preset == "agentvit":
             return cls.agentvit(env, **common)
         return cls("MlpPolicy", env, learning_starts=starts, **common)
@@ -408,134 +397,34 @@ def _make_agent(cfg: AgentViTConfig, env: gym.Env, steps_per_epoch: int, tensorb
 
 
 def _load_agent(algo: str, path: str | Path, env: gym.Env | None = None) -> Any:
-    return _agent_class(algo).load(str(path), env=env, device="cpu")
+    """Load an agent zip without unpickling anything: our DDQN through its own safe ``load``, SB3's
+    DQN/PPO/A2C with a replacement for every pickled field (:func:`keepgym.agents.serialization.load_sb3_agent`)."""
+    from keepgym.agents.serialization import load_sb3_agent
+
+    return load_sb3_agent(_agent_class(algo), path, env=env, device="cpu")
 
 
 # --------------------------------------------------------------------------- evaluation
-def _observation(scores: torch.Tensor, state: str) -> np.ndarray:
-    """The env's observation of a batch: the batch mean of the per-image scores."""
-    obs = scores.float().mean(dim=0).cpu().numpy().astype(np.float32)
-    return np.clip(obs, 0.0, 1.0) if state == "attention" else obs
-
-
-def _agent_chooser(agent: Any, action_mode: str, keep_counts: tuple[int, ...], state: str) -> Callable:
-    """``(scores) -> kept indices or None``: the agent's choice, applied as ``PatchSelectEnv.step`` does."""
-    from keepgym.models.vit import select_topk
-
-    def choose(scores: torch.Tensor) -> torch.Tensor | None:
-        obs = _observation(scores, state)
-        action = np.asarray(agent.predict(obs, deterministic=True)[0])
-        n = scores.shape[1]
-        if action_mode == "ratio":
-            k = keep_counts[int(action.reshape(-1)[0])]
-            return None if k >= n else select_topk(scores, k)
-        kept = np.flatnonzero(action.reshape(-1))
-        if kept.size == 0:  # as in training (see _JointTraining): keep the most attended patch
-            kept = np.array([int(np.argmax(obs))])
-        if kept.size == n:
-            return None
-        return torch.as_tensor(kept, dtype=torch.long, device=scores.device)
-
-    return choose
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def evaluate_selection(
-    vit: torch.nn.Module,
-    data: DatasetSplits,
-    split: str = "test",
-    choose: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-    *,
-    needs_scores: bool = True,
-    state: str = "attention",
-    state_layer: int = 0,
-    batch_size: int = 128,
-    device: str | torch.device = "cpu",
-) -> dict[str, float]:
-    """Accuracy, MACs and images/s of ``vit`` on ``split`` with patches chosen by ``choose``.
-
-    Args:
-        vit: A ``keepgym.models.vit.ViT``.
-        data: The dataset.
-        split: ``"test"``, ``"val"`` or ``"train"``.
-        choose: ``scores (B, N) -> kept indices (B, k) / (k,)`` or None (all patches); None keeps all.
-        needs_scores: Run the scoring pass (``vit.patch_scores``) and count it in time and MACs; False
-            passes zeros of the right shape to ``choose`` (e.g. random-k, which ignores them).
-        state: Scoring mode (``"attention"`` or ``"agentvit"``).
-        state_layer: Block whose attention is scored.
-        batch_size: Images per batch (per agent decision).
-        device: Where to run.
-
-    Returns:
-        ``accuracy``, ``macs_per_image`` (forward + scoring), ``forward_macs_per_image``,
-        ``score_macs_per_image``, ``images_per_second`` (scoring + selection + forward) and
-        ``kept_patches`` (mean per image).
-    """
-    x_all, y_all = data.split(split)
-    loader = BatchLoader(x_all, y_all, data, batch_size, shuffle=False, device=device)
-    was_training = vit.training
-    vit.eval()
-    n = vit.num_patches
-    scoring = choose is not None and needs_scores
-    correct = images = 0
-    kept_sum = macs_sum = seconds = 0.0
-    try:
-        for xb, yb in loader:
-            _sync(device)
-            start = time.perf_counter()
-            keep = None
-            if choose is not None:
-                scores = (
-                    vit.patch_scores(xb, layer=state_layer, mode=state)
-                    if needs_scores
-                    else torch.zeros(len(xb), n, device=xb.device)
-                )
-                keep = choose(scores)
-            logits = vit(xb, keep=keep)
-            _sync(device)
-            seconds += time.perf_counter() - start
-            k = n if keep is None else int(keep.shape[-1])
-            correct += int((logits.argmax(dim=1) == yb).sum())
-            images += len(yb)
-            kept_sum += k * len(yb)
-            macs_sum += vit.analytic_macs(k) * len(yb)
-    finally:
-        vit.train(was_training)
-    images = max(images, 1)
-    score_macs = float(vit.analytic_score_macs(state_layer)) if scoring else 0.0
-    forward_macs = macs_sum / images
+def _block(result: dict[str, float], score_macs: bool = True) -> dict[str, float]:
+    """An env ``evaluate`` result as a report block: MACs = forward + scoring pass."""
+    score = result["score_macs_per_image"] if score_macs else 0.0
     return {
-        "accuracy": correct / images,
-        "macs_per_image": forward_macs + score_macs,
-        "forward_macs_per_image": forward_macs,
-        "score_macs_per_image": score_macs,
-        "images_per_second": images / max(seconds, 1e-12),
-        "kept_patches": kept_sum / images,
+        "accuracy": result["accuracy"],
+        "macs_per_image": result["macs_per_image"] + score,
+        "forward_macs_per_image": result["macs_per_image"],
+        "score_macs_per_image": score,
+        "images_per_second": result["images_per_second"],
+        "kept_patches": result["kept_patches"],
     }
 
 
-def _side_by_side(
-    runs: dict[str, dict[str, Any]], rounds: int, common: dict[str, Any]
-) -> dict[str, dict[str, float]]:
-    """Evaluate every entry of ``runs`` in interleaved rounds; accuracy from round 1, median images/s.
-
-    ``runs[name]`` holds ``vit``, ``choose``, ``needs_scores`` and optionally ``reseed`` (called before
-    each round so random selections repeat).
-    """
+def _side_by_side(runs: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict[str, float]]:
+    """Call every entry of ``runs`` in interleaved rounds; accuracy from round 1, median images/s."""
     results: dict[str, dict[str, float]] = {}
     speeds: dict[str, list[float]] = {name: [] for name in runs}
     for rnd in range(rounds):
-        for name, spec in runs.items():
-            if spec.get("reseed") is not None:
-                spec["reseed"]()
-            r = evaluate_selection(
-                spec["vit"], choose=spec["choose"], needs_scores=spec["needs_scores"], **common
-            )
+        for name, fn in runs.items():
+            r = fn()
             if rnd == 0:
                 results[name] = r
             speeds[name].append(r["images_per_second"])
@@ -544,15 +433,22 @@ def _side_by_side(
     return results
 
 
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # --------------------------------------------------------------------------- baseline
 def _train_baseline(
     env: Any, data: DatasetSplits, cfg: AgentViTConfig, device: torch.device, bar_desc: str
 ) -> tuple[torch.nn.Module, float]:
     """A full-patch ViT with the joint run's settings: same initialisation and data order, no agent.
 
-    ``env.reset(seed)`` builds the ViT exactly as the joint run's first reset did; the loop then trains
-    it on all patches with the same Adam settings and a loader seeded as the env seeds its own, and
-    skips the scoring pass the agent needs. The time is the loop's wall time (data, forward, backward,
+    ``env`` (built without warm-up) is reset with the run's seed, which builds the ViT exactly as the
+    joint run's first reset did and seeds its data stream; the loop then trains that ViT on all
+    patches for ``cfg.epochs`` epochs (the joint run's warm-up epochs included) with the same Adam
+    settings and the same batches (a loader started from the env's data-order state), and skips the
+    scoring pass the agent needs. The time is the loop's wall time (data, forward, backward,
     optimiser), as the joint run's is that of the agent's ``learn`` loop.
     """
     from tqdm.auto import tqdm
@@ -560,6 +456,8 @@ def _train_baseline(
     env.reset(seed=cfg.seed)
     vit = env.vit
     opt = torch.optim.Adam(vit.parameters(), lr=cfg.learning_rate, fused=device.type in ("cpu", "cuda"))
+    generator = torch.Generator()
+    generator.set_state(env.state_dict()["epoch_data_generator"])
     loader = BatchLoader(
         data.train_x,
         data.train_y,
@@ -569,7 +467,7 @@ def _train_baseline(
         augment=cfg.augment,
         drop_last=True,
         device=device,
-        generator=torch.Generator().manual_seed(_env_data_seed(cfg.seed)),
+        generator=generator,
     )
     bar = tqdm(total=cfg.epochs * len(loader), desc=bar_desc, disable=not cfg.progress)
     vit.train()
@@ -590,20 +488,12 @@ def _train_baseline(
     return vit, time.perf_counter() - start
 
 
-def _env_data_seed(seed: int) -> int:
-    """The data-order seed ``PatchSelectEnv.reset(seed=seed)`` gives its loader (mirrors ``_new_run``)."""
-    from gymnasium.utils import seeding
-
-    rng, _ = seeding.np_random(seed)
-    return int(rng.integers(0, 2**62, size=2)[1])
-
-
 # --------------------------------------------------------------------------- figure
 def _patches_figure(
     path: Path,
-    vit: torch.nn.Module,
+    env: Any,
     data: DatasetSplits,
-    agent_choose: Callable,
+    agent: Any,
     k: int,
     cfg: AgentViTConfig,
     device: torch.device,
@@ -617,13 +507,14 @@ def _patches_figure(
 
     from keepgym.models.vit import select_topk
 
+    vit = env.vit
     x_u8, y = data.split("test")
     x_u8, y = x_u8[: cfg.batch_size], y[: cfg.batch_size]
     xb = data.normalize(x_u8.to(device))
     vit.eval()
     with torch.no_grad():
         scores = vit.patch_scores(xb, layer=cfg.state_layer, mode=cfg.state)
-        keep_agent = agent_choose(scores)
+        keep_agent = env.choose_patches(agent, xb)
         keep_top = select_topk(scores, max(1, min(k, vit.num_patches)))
         rows_keep = []
         for keep in (keep_agent, keep_top):
@@ -672,6 +563,8 @@ def _patches_figure(
         for r in range(3):
             axes[r][0].set_ylabel(titles[r], fontsize=8)
     title = f"{cfg.dataset}: kept patches (bright, green boxes) on test images"
+    if cfg.action_mode == "patches":
+        title += "\n(patches mode: the agent picks which patches, per image)"
     if cfg.action_mode == "ratio":
         title += "\n(ratio mode: the agent picks how many patches; which ones is attention top-k, per image)"
     fig.suptitle(title, fontsize=9)
@@ -681,7 +574,13 @@ def _patches_figure(
 
 
 # --------------------------------------------------------------------------- training
-def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device, distributed: bool = False) -> Any:
+def _build_env(
+    cfg: AgentViTConfig,
+    data: DatasetSplits,
+    device: torch.device,
+    distributed: bool = False,
+    warmup_epochs: int | None = None,
+) -> Any:
     from keepgym.envs.patch_select_env import PatchSelectEnv
 
     try:
@@ -694,9 +593,10 @@ def _build_env(cfg: AgentViTConfig, data: DatasetSplits, device: torch.device, d
             keep_ratios=cfg.keep_ratios,
             target_keep=cfg.target_keep,
             patch_weight=cfg.patch_weight,
+            reward_images=cfg.reward_images,
             state=cfg.state,
             state_layer=cfg.state_layer,
-            warmup_epochs=cfg.warmup_epochs,
+            warmup_epochs=cfg.warmup_epochs if warmup_epochs is None else warmup_epochs,
             device=device,
             augment=cfg.augment,
             distributed=distributed,
@@ -750,10 +650,8 @@ def _set_rng_states(agent: Any, states: dict[str, Any]) -> None:
 def _make_callback(
     cfg: AgentViTConfig,
     wrapper: _JointTraining,
-    data: DatasetSplits,
     ckpt_dir: Path,
     clock: dict,
-    device: torch.device,
 ) -> Any:
     """Checkpoint + per-epoch validation at the first rollout start after an epoch ended.
 
@@ -770,6 +668,8 @@ def _make_callback(
         def _on_step(self) -> bool:
             if np.any(self.locals.get("dones", False)):
                 self.epoch_ended = True
+            if cfg._stop_after_steps is not None and self.model.num_timesteps >= cfg._stop_after_steps:
+                raise _Stop
             return True
 
         def _on_training_start(self) -> None:
@@ -784,8 +684,8 @@ def _make_callback(
             start = time.perf_counter()
             epoch = _completed_epochs(wrapper)
             if is_main_process():  # every rank holds the same ViT; rank 0 scores and saves it
-                _log_val(self.model, wrapper, cfg, data, device, epoch)
-                _save_checkpoint(ckpt_dir, self.model, wrapper, clock, epoch, finished=False)
+                _log_val(self.model, wrapper, epoch)
+                _save_checkpoint(cfg, ckpt_dir, self.model, wrapper, clock, epoch, finished=False)
             clock["excluded"] += time.perf_counter() - start
             if cfg._stop_after_epoch is not None and epoch >= cfg._stop_after_epoch:
                 raise _Stop
@@ -798,20 +698,10 @@ def _completed_epochs(wrapper: _JointTraining) -> int:
     return core.epoch if wrapper.steps_in_epoch < core.steps_per_epoch else core.epoch + 1
 
 
-def _log_val(
-    agent: Any,
-    wrapper: _JointTraining,
-    cfg: AgentViTConfig,
-    data: DatasetSplits,
-    device: torch.device,
-    epoch: int,
-) -> None:
+def _log_val(agent: Any, wrapper: _JointTraining, epoch: int) -> None:
     core = wrapper.core
-    common = dict(state=cfg.state, state_layer=cfg.state_layer, batch_size=cfg.batch_size, device=device)
-    full = evaluate_selection(core.vit, data, "val", None, **common)
-    chosen = evaluate_selection(
-        core.vit, data, "val", _agent_chooser(agent, cfg.action_mode, core.keep_counts, cfg.state), **common
-    )
+    full = core.evaluate(None, "val")
+    chosen = core.evaluate_policy(agent, "val")
     agent.logger.record("eval/val_accuracy_full", full["accuracy"])
     agent.logger.record("eval/val_accuracy_agent", chosen["accuracy"])
     agent.logger.record("eval/val_kept_patches", chosen["kept_patches"])
@@ -820,24 +710,36 @@ def _log_val(
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, agent: Any, wrapper: _JointTraining, clock: dict, epoch: int, finished: bool
-) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    cfg: AgentViTConfig,
+    ckpt_dir: Path,
+    agent: Any,
+    wrapper: _JointTraining,
+    clock: dict,
+    epoch: int,
+    finished: bool,
+) -> Path:
+    """One atomic folder ``ckpt_dir/NNNN`` (agent, replay buffer, env + RNG state); the newest kept."""
     seconds = clock["before"] + (time.perf_counter() - clock["start"]) - clock["excluded"]
-    agent.save(ckpt_dir / "agent.zip")
-    if hasattr(agent, "save_replay_buffer"):
-        agent.save_replay_buffer(ckpt_dir / "replay_buffer.pkl")
-    # Last: its presence says the files above belong together.
-    atomic_torch_save(
-        {
-            "env": wrapper.state(),
-            "rng": _rng_states(agent),
-            "epoch": epoch,
-            "train_seconds": seconds,
-            "finished": finished,
-        },
-        ckpt_dir / "state.pt",
-    )
+    state = {
+        "env": wrapper.state(),
+        "rng": _rng_states(agent),
+        "epoch": epoch,
+        "num_timesteps": int(agent.num_timesteps),
+        "train_seconds": seconds,
+        "finished": finished,
+    }
+
+    def write(tmp: Path) -> None:
+        agent.save(tmp / "agent.zip")
+        if hasattr(agent, "replay_buffer"):  # arrays in an .npz: SB3's own method would pickle the buffer
+            save_replay_buffer(agent, tmp / "replay_buffer.npz")
+        if cfg._stop_in_checkpoint is not None and epoch == cfg._stop_in_checkpoint:
+            raise _Stop  # tests: a kill while the folder is being written
+        atomic_torch_save(state, tmp / _STATE_FILE)
+
+    final = write_dir_atomically(ckpt_dir / f"{epoch:04d}", write)
+    retain_checkpoints(ckpt_dir, cfg.keep_checkpoints, _STATE_FILE)
+    return final
 
 
 def _check_resume(out: Path, cfg: AgentViTConfig) -> None:
@@ -845,9 +747,13 @@ def _check_resume(out: Path, cfg: AgentViTConfig) -> None:
     if not path.exists():
         raise CliError(f"--resume: {out} has no config.json")
     saved = json.loads(path.read_text())
-    ignore = {"resume", "force", "progress", "device", "num_threads", "_stop_after_epoch", "out"}
+    ignore = {"resume", "force", "progress", "device", "num_threads", "out", "keep_checkpoints"}
     current = asdict(cfg)
-    diff = [k for k, v in saved.items() if k not in ignore and k in current and _jsonish(current[k]) != v]
+    diff = [
+        k
+        for k, v in saved.items()
+        if k not in ignore and not k.startswith("_") and k in current and _jsonish(current[k]) != v
+    ]
     if diff:
         raise CliError(f"--resume: settings differ from the saved run in {', '.join(sorted(diff))}")
 
@@ -856,14 +762,15 @@ def _jsonish(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def train_agentvit(cfg: AgentViTConfig) -> dict[str, Any] | None:
+def train_agentvit(cfg: AgentViTConfig, data: DatasetSplits | None = None) -> dict[str, Any] | None:
     """Run joint ViT + agent training, the optional baseline and the final four-way test report.
 
     Args:
         cfg: The run's settings.
+        data: Ready data instead of loading ``cfg.dataset`` (scripts with their own images).
 
     Returns:
-        The summary (also written to ``OUT/summary.json``); None if stopped by ``_stop_after_epoch``.
+        The summary (also written to ``OUT/summary.json``); None if stopped by a test stop point.
 
     Raises:
         CliError: A bad setting, an occupied run folder, or a resume that does not match.
@@ -878,7 +785,7 @@ def train_agentvit(cfg: AgentViTConfig) -> dict[str, Any] | None:
         out = main_first(lambda: _prepare_out(cfg))  # rank 0 makes the folder; a refusal ends every rank
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        summary = _train(cfg, out, device, dist_info)  # None on ranks other than 0
+        summary = _train(cfg, out, device, dist_info, data)  # None on ranks other than 0
         return main_first(lambda: summary)
     finally:
         torch.set_num_threads(previous_threads)
@@ -889,30 +796,37 @@ def _prepare_out(cfg: AgentViTConfig) -> Path:
     out = prepare_run_dir(cfg.out, force=cfg.force, resume=cfg.resume)
     if cfg.resume:
         _check_resume(out, cfg)
+    remove_partial_checkpoints((out, out / "checkpoint"))  # what a kill mid-write left behind
     write_json(out / "config.json", cfg)
     return out
 
 
 def _train(
-    cfg: AgentViTConfig, out: Path, device: torch.device, dist_info: DistributedInfo | None = None
+    cfg: AgentViTConfig,
+    out: Path,
+    device: torch.device,
+    dist_info: DistributedInfo | None = None,
+    data: DatasetSplits | None = None,
 ) -> dict[str, Any] | None:
     from tqdm.auto import tqdm
 
-    from keepgym.agents.callbacks import EnvInfoCallback
+    from keepgym.agents.callbacks import EnvInfoCallback, PatchEpochCallback
     from keepgym.models import load_model_with_extra, save_model
 
     dist_info = dist_info or DistributedInfo(device=str(device))
     main = dist_info.is_main
     seed_everything(cfg.seed)
-    data = _load_data(cfg)
+    data = data if data is not None else _load_data(cfg)
     env = _build_env(cfg, data, device, dist_info.enabled)
     steps_per_epoch = env.steps_per_epoch
     total_vit_steps = cfg.epochs * steps_per_epoch
     agent_steps = (cfg.epochs - cfg.warmup_epochs) * steps_per_epoch
     ckpt_dir = out / "checkpoint"
-    state = None
-    if cfg.resume and (ckpt_dir / "state.pt").exists():
-        state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
+    state, ckpt = None, None
+    complete = complete_checkpoints(ckpt_dir, _STATE_FILE) if cfg.resume else []
+    if complete:
+        ckpt = complete[-1]
+        state = torch.load(ckpt / _STATE_FILE, map_location=device, weights_only=True)
         logger.info("resuming %s after epoch %d", out, state["epoch"])
 
     bar = tqdm(
@@ -926,21 +840,23 @@ def _train(
     wrapper = _JointTraining(env, on_step=on_step)
     clock = {"before": 0.0, "excluded": 0.0, "start": time.perf_counter()}
     if state is None:
-        agent = _make_agent(cfg, wrapper, steps_per_epoch, str(out) if main else None)
+        agent = _make_agent(cfg, wrapper, steps_per_epoch, str(out / "tb") if main else None)
     else:
-        agent = _load_agent(cfg.algo, ckpt_dir / "agent.zip", env=wrapper)
-        if hasattr(agent, "load_replay_buffer") and (ckpt_dir / "replay_buffer.pkl").exists():
-            agent.load_replay_buffer(ckpt_dir / "replay_buffer.pkl")
-        agent.tensorboard_log = str(out) if main else None
+        assert ckpt is not None
+        agent = _load_agent(cfg.algo, ckpt / "agent.zip", env=wrapper)
+        if hasattr(agent, "replay_buffer") and (ckpt / "replay_buffer.npz").exists():
+            load_replay_buffer(agent, ckpt / "replay_buffer.npz")
+        agent.tensorboard_log = str(out / "tb") if main else None
         _set_rng_states(agent, state["rng"])
         wrapper.restore_on_next_reset(state["env"])
         agent._last_obs = None  # make learn() reset the env, i.e. restore it
         clock["before"] = state["train_seconds"]
-        bar.update(state["epoch"] * steps_per_epoch + state["env"]["steps_in_epoch"])
+        bar.update(cfg.warmup_epochs * steps_per_epoch + int(state["num_timesteps"]))
     finished = state is not None and state["finished"]
     callbacks = [
         EnvInfoCallback(config={k: v for k, v in asdict(cfg).items() if not k.startswith("_")}),
-        _make_callback(cfg, wrapper, data, ckpt_dir, clock, device),
+        PatchEpochCallback(evaluate=False),  # epoch/* tags + kept-patch grid; eval/* come from _log_val
+        _make_callback(cfg, wrapper, ckpt_dir, clock),
     ]
     try:
         if not finished:
@@ -955,8 +871,8 @@ def _train(
             )
             if not main:
                 return None  # rank 0 saves, scores and reports (other ranks get its summary)
-            _save_checkpoint(ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
-            state = torch.load(ckpt_dir / "state.pt", map_location=device, weights_only=True)
+            ckpt = _save_checkpoint(cfg, ckpt_dir, agent, wrapper, clock, cfg.epochs, finished=True)
+            state = torch.load(ckpt / _STATE_FILE, map_location=device, weights_only=True)
     except _Stop:
         return None
     finally:
@@ -973,6 +889,7 @@ def _train(
         "action_mode": cfg.action_mode,
         "keep_ratios": list(cfg.keep_ratios),
         "keep_counts": list(env.keep_counts),
+        "target_keep": env.target_keep,
         "state": cfg.state,
         "state_layer": cfg.state_layer,
         "batch_size": cfg.batch_size,
@@ -989,20 +906,20 @@ def _train(
     }
     save_model(vit, out / "vit.pt", agentvit=selection, data=data_settings, train_seconds=train_seconds)
 
-    baseline = None
+    base_env, base_seconds = None, 0.0
     if cfg.baseline:
         path, info_path = out / "baseline_vit.pt", out / "baseline.json"
+        base_env = _build_env(cfg, data, device, warmup_epochs=0)
         if cfg.resume and path.exists() and info_path.exists():
-            base_vit = load_model_with_extra(path)[0].to(device)
+            base_env.reset(seed=cfg.seed)
+            base_env.vit.load_state_dict(load_model_with_extra(path)[0].state_dict())
             base_seconds = json.loads(info_path.read_text())["train_seconds"]
         else:
-            base_env = _build_env(cfg, data, device)
-            base_vit, base_seconds = _train_baseline(base_env, data, cfg, device, f"baseline {cfg.dataset}")
-            save_model(base_vit, path, data=data_settings, train_seconds=base_seconds)
+            _, base_seconds = _train_baseline(base_env, data, cfg, device, f"baseline {cfg.dataset}")
+            save_model(base_env.vit, path, data=data_settings, train_seconds=base_seconds)
             write_json(info_path, {"train_seconds": base_seconds})
-        baseline = (base_vit, base_seconds)
 
-    summary = _final_report(cfg, data, env, agent, vit, baseline, train_seconds, device)
+    summary = _final_report(cfg, env, agent, base_env, base_seconds)
     summary["agent"]["train_seconds"] = train_seconds
     if cfg.baseline:
         summary["speedup_train"] = summary["full"]["train_seconds"] / max(train_seconds, 1e-12)
@@ -1017,19 +934,20 @@ def _train(
         num_patches=env.num_patches,
         target_keep=env.target_keep,
         steps_per_epoch=steps_per_epoch,
+        train_images=len(data.train_y),
         device=str(device),
+        threads=torch.get_num_threads(),
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
     if dist_info.enabled:
         summary["world_size"] = dist_info.world_size
     k = max(1, int(round(summary["agent"]["kept_patches"])))
-    chooser = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
     try:
-        _patches_figure(out / "patches.png", vit, data, chooser, k, cfg, device)
+        _patches_figure(out / "patches.png", env, data, agent, k, cfg, device)
     except Exception as err:  # noqa: BLE001 - a missing figure must not lose the run's results
         logger.warning("could not draw patches.png: %s", err)
     write_json(out / "summary.json", summary)
-    writer_dir = out / f"{_TB_NAME}_final"
+    writer_dir = out / "tb" / f"{_TB_NAME}_final"
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(writer_dir)) as writer:
@@ -1039,66 +957,48 @@ def _train(
 
 
 def _final_report(
-    cfg: AgentViTConfig,
-    data: DatasetSplits,
-    env: Any,
-    agent: Any,
-    vit: torch.nn.Module,
-    baseline: tuple[torch.nn.Module, float] | None,
-    train_seconds: float,
-    device: torch.device,
+    cfg: AgentViTConfig, env: Any, agent: Any, base_env: Any | None, base_seconds: float
 ) -> dict[str, Any]:
-    """The four (five) ways on the test split, side by side, plus validation accuracies."""
+    """The four (five) ways on the test split, side by side, plus validation accuracies (env evaluation)."""
     from keepgym.models.vit import select_random_k, select_topk
 
-    common = dict(
-        data=data,
-        split="test",
-        state=cfg.state,
-        state_layer=cfg.state_layer,
-        batch_size=cfg.batch_size,
-        device=device,
-    )
-    agent_choose = _agent_chooser(agent, cfg.action_mode, env.keep_counts, cfg.state)
+    bs = cfg.batch_size
     # k = the agent's own mean number of kept patches on the test split.
-    agent_test = evaluate_selection(vit, choose=agent_choose, **common)
+    agent_test = env.evaluate_policy(agent, "test")
     k = max(1, min(env.num_patches, int(round(agent_test["kept_patches"]))))
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    gen_device = env.device if env.device.type == "cuda" else torch.device("cpu")
     gen = torch.Generator(device=gen_device)
 
-    def reseed() -> None:
-        gen.manual_seed(cfg.seed + 12345)
+    def random_k(split: str) -> dict[str, float]:
+        gen.manual_seed(cfg.seed + 12345)  # the same random patches in every round
+        return env.evaluate(lambda s: select_random_k(s, k, gen), split, bs, needs_scores=False)
 
-    runs: dict[str, dict[str, Any]] = {
-        "joint_full": {"vit": vit, "choose": None, "needs_scores": False},
-        "agent": {"vit": vit, "choose": agent_choose, "needs_scores": True},
-        "random": {
-            "vit": vit,
-            "choose": lambda s: select_random_k(s, k, gen),
-            "needs_scores": False,
-            "reseed": reseed,
-        },
-        "topk": {"vit": vit, "choose": lambda s: select_topk(s, k), "needs_scores": True},
+    runs: dict[str, Callable[[], dict[str, float]]] = {
+        "joint_full": lambda: env.evaluate(None, "test", bs),
+        "agent": lambda: env.evaluate_policy(agent, "test"),
+        "random": lambda: random_k("test"),
+        "topk": lambda: env.evaluate(lambda s: select_topk(s, k), "test", bs),
     }
-    if baseline is not None:
-        runs["full"] = {"vit": baseline[0], "choose": None, "needs_scores": False}
-    results = _side_by_side(runs, cfg.speed_rounds, common)
-    if baseline is None:
+    if base_env is not None:
+        runs["full"] = lambda: base_env.evaluate(None, "test", bs)
+    raw = _side_by_side(runs, cfg.speed_rounds)
+    results = {name: _block(r, score_macs=name != "random") for name, r in raw.items()}
+    if base_env is None:
         results["full"] = dict(results["joint_full"])
-    val_common = {**common, "split": "val"}
+    who = "the agent per image" if cfg.action_mode == "patches" else "the agent per batch"
     descriptions = {
         "full": "baseline ViT (trained on all patches, no agent), all patches"
-        if baseline is not None
+        if base_env is not None
         else "joint ViT, all patches (no --baseline)",
         "joint_full": "joint ViT, all patches",
-        "agent": "joint ViT, patches chosen by the agent per batch",
+        "agent": f"joint ViT, patches chosen by {who}",
         "random": f"joint ViT, {k} random patches per image",
         "topk": f"joint ViT, the {k} most attended patches per image (block {cfg.state_layer})",
     }
     summary: dict[str, Any] = {}
     for name in BLOCKS:
         r = results[name]
-        block = {
+        summary[name] = {
             "vit": descriptions[name],
             "test_accuracy": r["accuracy"],
             "macs_per_image": r["macs_per_image"],
@@ -1107,17 +1007,13 @@ def _final_report(
             "images_per_second": r["images_per_second"],
             "kept_patches": r["kept_patches"],
         }
-        summary[name] = block
-    summary["agent"]["val_accuracy"] = evaluate_selection(vit, choose=agent_choose, **val_common)["accuracy"]
-    summary["joint_full"]["val_accuracy"] = evaluate_selection(vit, choose=None, **val_common)["accuracy"]
-    summary["topk"]["val_accuracy"] = evaluate_selection(
-        vit, choose=lambda s: select_topk(s, k), **val_common
-    )["accuracy"]
-    if baseline is not None:
-        summary["full"]["val_accuracy"] = evaluate_selection(baseline[0], choose=None, **val_common)[
-            "accuracy"
-        ]
-        summary["full"]["train_seconds"] = baseline[1]
+    summary["agent"]["val_accuracy"] = env.evaluate_policy(agent, "val")["accuracy"]
+    summary["joint_full"]["val_accuracy"] = env.evaluate(None, "val", bs)["accuracy"]
+    summary["topk"]["val_accuracy"] = env.evaluate(lambda s: select_topk(s, k), "val", bs)["accuracy"]
+    summary["random"]["val_accuracy"] = random_k("val")["accuracy"]
+    if base_env is not None:
+        summary["full"]["val_accuracy"] = base_env.evaluate(None, "val", bs)["accuracy"]
+        summary["full"]["train_seconds"] = base_seconds
     else:
         summary["full"]["val_accuracy"] = summary["joint_full"]["val_accuracy"]
     summary["k"] = k
@@ -1195,17 +1091,6 @@ def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
         raise CliError(
             f"--agent {cfg.agent}: not a {sel['algo']} agent zip: {str(err).splitlines()[0][:200]}"
         ) from None
-    n = vit.num_patches
-    expected = (
-        gym.spaces.Discrete(len(sel["keep_counts"]))
-        if sel["action_mode"] == "ratio"
-        else gym.spaces.MultiBinary(n)
-    )
-    if agent.observation_space.shape != (n,) or agent.action_space != expected:
-        raise CliError(
-            f"--agent {cfg.agent} does not fit this ViT: it observes {agent.observation_space.shape} "
-            f"and acts in {agent.action_space}; the ViT needs ({n},) and {expected}"
-        )
     data = load_dataset(
         cfg.dataset,
         cfg.data_root,
@@ -1215,24 +1100,35 @@ def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
         train_size=dset.get("train_size"),
         test_size=dset.get("test_size"),
     )
-    vit = vit.to(device)
-    common = dict(
+    from keepgym.envs.patch_select_env import PatchSelectEnv
+
+    # The env the agent acted in, around the saved ViT: its own evaluation applies the agent's choices.
+    env = PatchSelectEnv(
         data=data,
-        split=cfg.split,
+        model=vit,
+        batch_size=min(sel["batch_size"], len(data.train_y)),
+        action_mode=sel["action_mode"],
+        keep_ratios=sel["keep_ratios"],
+        target_keep=sel.get("target_keep"),
         state=sel["state"],
         state_layer=sel["state_layer"],
-        batch_size=sel["batch_size"],
+        warmup_epochs=0,
         device=device,
     )
-    choose = _agent_chooser(agent, sel["action_mode"], tuple(sel["keep_counts"]), sel["state"])
-    results = _side_by_side(
+    if agent.observation_space != env.observation_space or agent.action_space != env.action_space:
+        raise CliError(
+            f"--agent {cfg.agent} does not fit this ViT: it observes {agent.observation_space.shape} "
+            f"and acts in {agent.action_space}; the ViT needs {env.observation_space.shape} and {env.action_space}"
+        )
+    bs = sel["batch_size"]
+    raw = _side_by_side(
         {
-            "full": {"vit": vit, "choose": None, "needs_scores": False},
-            "agent": {"vit": vit, "choose": choose, "needs_scores": True},
+            "full": lambda: env.evaluate(None, cfg.split, bs),
+            "agent": lambda: env.evaluate_policy(agent, cfg.split, batch_size=bs),
         },
         rounds=2,
-        common=common,
     )
+    results = {name: _block(r) for name, r in raw.items()}
     print(f"{'patches':<8} {cfg.split + ' acc':>9} {'kept':>6} {'MMACs/img':>10} {'img/s':>9}")
     for name in ("full", "agent"):
         r = results[name]
@@ -1255,26 +1151,39 @@ def evaluate_agentvit(cfg: Any) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- benchmark
 def benchmark_agentvit(
-    device: str = "cpu", quick: bool = False, steps: int | None = None, seed: int = 0
+    device: str = "cpu",
+    quick: bool = False,
+    steps: int | None = None,
+    seed: int = 0,
+    action_mode: str = "ratio",
+    preset: str | None = None,
+    batch_size: int | None = None,
 ) -> dict:
     """Per-step time of joint training (agent + ViT on the agent's patches) vs full-patch ViT training.
 
-    Both run on the same batches (same data order and augmentation) from the same initial ViT. A
-    joint step is what ``keepgym agentvit`` does per batch after warm-up: the scoring pass that makes
-    the observation, ``DDQN.predict``, the ViT step on the kept patches, storing the transition and
-    one DDQN gradient step. The action is held at the keep ratio nearest ``target_keep`` (what the
-    reward drives the agent to), so the figure is the steady-state cost, not that of exploration.
+    Both start from the same ViT (two copies) and run **interleaved** (one full step, one joint step,
+    in turn), so drifts in machine load hit both alike. The full step reuses one batch (no loader
+    cost, a small bias against the joint step, whose env draws and augments its batches). A joint step is what
+    ``keepgym agentvit`` does per batch after warm-up: ``DDQN.predict``, ``env.step`` (ViT step on the
+    kept patches, the scoring pass that makes the next observation and, in the patches mode, the
+    all-patch reference loss of the rewarded images), storing the transition and one DDQN gradient
+    step. The ratio mode holds the keep ratio nearest ``target_keep``; the patches mode keeps
+    ``target_keep`` per image, as the agent must.
 
     Args:
         device: Where the ViT runs.
         quick: Tiny sizes (tests, smoke runs).
         steps: Timed steps (default 4 quick, 10 otherwise).
         seed: Seed of data, weights and agent.
+        action_mode: ``"ratio"`` or ``"patches"``.
+        preset: ViT preset (default ``vit_tiny`` quick, ``vit_cifar`` otherwise).
+        batch_size: Images per step (default 32 quick, 128 otherwise).
 
     Returns:
         ``full_step_seconds``, ``joint_step_seconds`` (medians), the split of a joint step into
-        ``joint_vit_step_seconds`` / ``joint_agent_seconds`` / ``joint_score_seconds``, ``speedup``
-        (full / joint), ``kept`` of ``num_patches`` and the settings.
+        ``joint_vit_step_seconds`` / ``joint_agent_seconds`` / ``joint_env_other_seconds`` (scoring,
+        reference loss, observation), ``speedup`` (full / joint), ``kept`` of ``num_patches`` and the
+        settings.
     """
     from stable_baselines3.common.logger import configure
 
@@ -1282,92 +1191,88 @@ def benchmark_agentvit(
     from keepgym.envs.patch_select_env import PatchSelectEnv
 
     dev = torch.device(resolve_device(device))
-    preset, batch, train_size = ("vit_tiny", 32, 200) if quick else ("vit_cifar", 128, 1500)
+    default_preset, default_batch, train_size = ("vit_tiny", 32, 200) if quick else ("vit_cifar", 128, 1500)
+    preset, batch = preset or default_preset, batch_size or default_batch
     steps = steps or (4 if quick else 10)
     data = load_dataset("synthetic", train_size=train_size, test_size=50, seed=seed)
-    env = PatchSelectEnv(data=data, batch_size=batch, warmup_epochs=0, device=dev, **_vit_dims(preset))
-    n_ratios = len(env.keep_ratios)
-    action = min(range(n_ratios), key=lambda i: abs(env.keep_counts[i] - env.target_keep))
-    agent = DDQN("MlpPolicy", env, learning_starts=0, batch_size=64, seed=seed, device="cpu")
+    env = PatchSelectEnv(
+        data=data,
+        batch_size=batch,
+        warmup_epochs=0,
+        device=dev,
+        info_timings=True,
+        action_mode=action_mode,
+        **_vit_dims(preset),
+    )
+    if action_mode == "patches":
+        agent = DDQN("MlpPolicy", env, learning_starts=0, batch_size=128, seed=seed, device="cpu")
+    else:
+        agent = DDQN("MlpPolicy", env, learning_starts=0, batch_size=64, seed=seed, device="cpu")
     agent.set_logger(configure(None, []))
-    rng = np.random.default_rng(seed)
     n = env.num_patches
-    for _ in range(agent.batch_size):  # a replay buffer that can be sampled from
-        o = rng.random(n).astype(np.float32)
-        agent.replay_buffer.add(
-            o[None], o[None], np.array([[action]]), np.array([0.0]), np.array([False]), [{}]
+    ratio_action = min(range(len(env.keep_ratios)), key=lambda i: abs(env.keep_counts[i] - env.target_keep))
+
+    obs, _ = env.reset(seed=seed)
+    full_vit = copy.deepcopy(env.vit)
+    full_opt = torch.optim.Adam(full_vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
+
+    def joint_step(obs: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+        _sync(dev)
+        start = time.perf_counter()
+        action, _ = agent.predict(obs, deterministic=False)
+        if action_mode != "patches":
+            action = np.asarray(ratio_action)
+        t_pred = time.perf_counter()
+        new_obs, reward, _, truncated, info = env.step(action)
+        t_env = time.perf_counter()
+        agent.replay_buffer.add(  # type: ignore[union-attr]
+            obs[None], new_obs[None], np.asarray(action)[None], np.array([reward]), np.array([False]), [info]
         )
+        agent.train(gradient_steps=1, batch_size=agent.batch_size)
+        end = time.perf_counter()
+        if truncated:
+            new_obs, _ = env.reset()
+        vit_s = info["step_seconds"]
+        return new_obs, end - start, vit_s, (t_pred - start) + (end - t_env)
 
-    def full_steps() -> list[float]:
-        env.reset(seed=seed)
-        loader = BatchLoader(
-            data.train_x,
-            data.train_y,
-            data,
-            batch,
-            shuffle=True,
-            augment=True,
-            drop_last=True,
-            device=dev,
-            generator=torch.Generator().manual_seed(_env_data_seed(seed)),
-        )
-        vit = env.vit
-        opt = torch.optim.Adam(vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
-        times = []
-        for i, (xb, yb) in enumerate(loader):
-            if i >= steps + 1:
-                break
-            _sync(dev)
-            start = time.perf_counter()
-            loss = F.cross_entropy(vit(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _sync(dev)
-            times.append(time.perf_counter() - start)
-        return times[1:]
+    def full_step(x: torch.Tensor, y: torch.Tensor) -> float:
+        full_vit.train()
+        _sync(dev)
+        start = time.perf_counter()
+        loss = F.cross_entropy(full_vit(x), y)
+        full_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        full_opt.step()
+        _sync(dev)
+        return time.perf_counter() - start
 
-    def joint_steps() -> tuple[list[float], list[float], list[float], list[float]]:
-        obs, _ = env.reset(seed=seed)
-        total, vit_t, agent_t, score_t = [], [], [], []
-        for i in range(steps + 1):
-            _sync(dev)
-            start = time.perf_counter()
-            agent.predict(obs, deterministic=False)
-            t_pred = time.perf_counter() - start
-            new_obs, reward, _, truncated, info = env.step(action)
-            t_env = time.perf_counter()
-            agent.replay_buffer.add(
-                obs[None], new_obs[None], np.array([[action]]), np.array([reward]), np.array([False]), [info]
-            )
-            agent.train(gradient_steps=1, batch_size=agent.batch_size)
-            end = time.perf_counter()
-            if i > 0:
-                total.append(end - start)
-                vit_t.append(info["step_seconds"])
-                agent_t.append(t_pred + (end - t_env))
-                score_t.append(max(0.0, (t_env - start - t_pred) - info["step_seconds"]))
-            obs = new_obs
-            if truncated:
-                obs, _ = env.reset()
-        return total, vit_t, agent_t, score_t
-
-    full = full_steps()
-    total, vit_t, agent_t, score_t = joint_steps()
+    obs, *_ = joint_step(obs)  # a replay buffer to sample from, and one untimed round of each
+    x, y = data.normalize(data.train_x[:batch].to(dev)), data.train_y[:batch].to(dev)
+    full_step(x, y)
+    full, total, vit_t, agent_t = [], [], [], []
+    for _ in range(steps):
+        full.append(full_step(x, y))
+        obs, t_total, t_vit, t_agent = joint_step(obs)
+        total.append(t_total)
+        vit_t.append(t_vit)
+        agent_t.append(t_agent)
     full_s, joint_s = float(np.median(full)), float(np.median(total))
+    vit_s, agent_s = float(np.median(vit_t)), float(np.median(agent_t))
     result = {
         "benchmark": "agentvit",
+        "action_mode": action_mode,
         "preset": preset,
         "batch_size": batch,
         "device": str(dev),
+        "threads": torch.get_num_threads(),
         "num_patches": n,
-        "kept": env.keep_counts[action],
+        "kept": env.target_keep if action_mode == "patches" else env.keep_counts[ratio_action],
         "steps": steps,
         "full_step_seconds": full_s,
         "joint_step_seconds": joint_s,
-        "joint_vit_step_seconds": float(np.median(vit_t)),
-        "joint_agent_seconds": float(np.median(agent_t)),
-        "joint_score_seconds": float(np.median(score_t)),
+        "joint_vit_step_seconds": vit_s,
+        "joint_agent_seconds": agent_s,
+        "joint_env_other_seconds": max(0.0, joint_s - vit_s - agent_s),
         "speedup": full_s / max(joint_s, 1e-12),
     }
     logger.info("benchmark_agentvit %s", result)

@@ -21,8 +21,10 @@ COMMANDS = (
     "keepgym.experiments.prune",
     "keepgym.experiments.agentvit",
     "keepgym.experiments.evaluate",
+    "keepgym.experiments.export",
     "keepgym.experiments.bench",
     "keepgym.experiments.demo",
+    "keepgym.experiments.frontier",
 )
 
 
@@ -60,6 +62,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, table
 
 
+#: Fragments of the messages torch's allocators raise as RuntimeError when memory runs out.
+_ALLOCATOR_MESSAGES = ("can't allocate memory", "out of memory", "DefaultCPUAllocator", "not enough memory")
+#: ... and torch.save's zip writer when a write fails (it raises RuntimeError, not OSError, on a full disk).
+_WRITE_MESSAGES = ("PytorchStreamWriter failed", "file write failed")
+
+
+def _system_error_line(err: BaseException, resumable: bool) -> str | None:
+    """One line for a failure of the machine (disk full, read-only or forbidden folder, memory), else None.
+
+    Checkpoints are written atomically, so after any of these the last complete one is intact.
+    """
+    resume = "fix the cause and rerun"
+    if resumable:
+        resume = "the last complete checkpoint is kept; fix the cause and rerun with --resume"
+    if isinstance(err, OSError):
+        where = f": {err.filename}" if err.filename else ""
+        reason = err.strerror or " ".join(str(err).split()) or type(err).__name__
+        return f"{reason}{where} ({resume})"
+    if isinstance(err, MemoryError):
+        return f"out of memory ({resume})"
+    text = " ".join(str(err).split())
+    if any(m.lower() in text.lower() for m in _ALLOCATOR_MESSAGES):
+        return f"out of memory: {text[:200]} ({resume})"
+    if any(m.lower() in text.lower() for m in _WRITE_MESSAGES):
+        return f"a file could not be written (disk full?): {text[:200]} ({resume})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``keepgym`` console script."""
     parser, table = build_parser()
@@ -81,11 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         user_errors += (ModelLoadError,)
     except ImportError:  # pragma: no cover
         pass
+    from keepgym.envs.splits import SplitMismatchError
+
+    user_errors += (SplitMismatchError,)
+    try:
+        from keepgym.agents.serialization import AgentLoadError
+
+        user_errors += (AgentLoadError,)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         cfg = mod.config_from_args(args) if hasattr(mod, "config_from_args") else config_from_args(mod.Config, args)
         mod.run(cfg)
     except user_errors as err:
         print(f"keepgym {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError, RuntimeError) as err:
+        line = _system_error_line(err, resumable=hasattr(args, "resume"))
+        if line is None:
+            raise
+        print(f"keepgym {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

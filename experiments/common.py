@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -26,8 +27,11 @@ __all__ = [
     "add_config_arguments",
     "config_from_args",
     "prepare_run_dir",
+    "lock_run_dir",
+    "release_run_dir",
     "write_json",
     "atomic_torch_save",
+    "load_state",
     "seed_everything",
     "resolve_device",
     "machine_info",
@@ -77,7 +81,17 @@ class _ListModels(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         from keepgym.models import list_models
 
-        print("\n".join(list_models()))
+        lines = [
+            *list_models(),
+            "torchvision:NAME     any torchvision classifier, e.g. torchvision:resnet18 (weights=None)",
+            "timm:NAME            any timm model (pip install 'keepgym[timm]')",
+            "pkg.module:factory   your own function or nn.Module class (num_classes, in_chans if it takes them)",
+        ]
+        try:
+            print("\n".join(lines))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `keepgym train --list-models | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         parser.exit()
 
 
@@ -129,26 +143,84 @@ def run_name(*parts: Any) -> str:
     return "__".join([str(p) for p in parts if p is not None] + [time.strftime("%Y%m%d-%H%M%S")])
 
 
-def prepare_run_dir(out: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
-    """Create the run folder; refuse to overwrite an existing non-empty one unless told to.
+#: The lock file of a run folder (an ``fcntl.flock`` held for the run's lifetime).
+LOCK_NAME = ".lock"
+_LOCKS: dict[Path, int] = {}
+
+
+def _visible_entries(path: Path) -> list[Path]:
+    """What a run wrote: hidden names (the lock, temporary files a kill left behind) do not count."""
+    return [p for p in path.iterdir() if not p.name.startswith(".")]
+
+
+def lock_run_dir(path: str | os.PathLike) -> None:
+    """Take the run folder's lock (``OUT/.lock``, an exclusive ``fcntl.flock``) for this process.
+
+    The OS drops the lock when the process ends, even by SIGKILL, so a stale lock never blocks a
+    ``--resume``. Taking it again in the same process is a no-op (a run resumed in-process).
 
     Raises:
-        CliError: the folder holds a run and neither ``force`` nor ``resume`` was given, or
-            ``resume`` was given and there is nothing to resume.
+        CliError: another live process holds the folder.
     """
+    path = Path(path)
+    key = path.resolve()
+    if key in _LOCKS:
+        return
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CliError(
+            f"{path} is in use by another running keepgym command; wait for it to end or choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+
+
+def release_run_dir(path: str | os.PathLike | None = None) -> None:
+    """Release the lock taken by :func:`lock_run_dir` on ``path`` (every lock of this process if None)."""
+    keys = list(_LOCKS) if path is None else [Path(path).resolve()]
+    for key in keys:
+        fd = _LOCKS.pop(key, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def prepare_run_dir(out: str | os.PathLike, *, force: bool = False, resume: bool = False) -> Path:
+    """Create and lock the run folder; refuse to overwrite an existing run unless told to.
+
+    The folder is locked (:func:`lock_run_dir`) before anything in it is touched, so a second command
+    on a live run is refused, ``--force`` included. Temporary files and folders a kill left behind
+    (``.NAME.*``) are removed; a folder holding nothing else counts as empty.
+
+    Raises:
+        CliError: the folder holds a run and neither ``force`` nor ``resume`` was given, ``resume`` was
+            given and there is nothing to resume, or another live command holds the folder.
+    """
+    from keepgym.experiments.checkpoint import remove_partial_checkpoints
+
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CliError(f"--out {path} exists and is not a folder")
-    has_run = path.is_dir() and any(path.iterdir())
-    if resume:
-        if not has_run:
-            raise CliError(f"--resume: {path} holds no run to resume")
-        return path
-    if has_run:
-        if not force:
-            raise CliError(f"{path} already holds a run; pass --force to overwrite it or --resume to continue it")
-        shutil.rmtree(path)
+    if resume and not (path.is_dir() and _visible_entries(path)):
+        raise CliError(f"--resume: {path} holds no run to resume")
     path.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(path)
+    try:
+        has_run = bool(_visible_entries(path))
+        if not resume and has_run:
+            if not force:
+                raise CliError(
+                    f"{path} already holds a run; pass --force to overwrite it or --resume to continue it"
+                )
+            for entry in _visible_entries(path):  # the lock file stays: it is held
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        remove_partial_checkpoints([path])
+    except BaseException:
+        release_run_dir(path)
+        raise
     return path
 
 
@@ -201,6 +273,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     from keepgym.models.serialization import atomic_save
 
     atomic_save(obj, path)
+
+
+def load_state(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` of a checkpoint state; an unreadable or hostile file is one line.
+
+    Raises:
+        CliError: the file is truncated, corrupt or holds anything but tensors and plain values.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError from the zip reader, ...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CliError(f"{path}: not a readable checkpoint state (nothing in it was run): {reason}") from None
 
 
 def seed_everything(seed: int) -> None:

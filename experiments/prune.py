@@ -23,7 +23,13 @@ Outputs in ``--out``:
 * ``stages/NNN/``: a complete checkpoint after every stage (pruned model, teacher, agent zip, env and RNG
   state), written to a temporary folder and renamed, so a kill never leaves half a checkpoint.
   ``--resume`` continues from the last complete one and ends with the same compressed model and summary
-  (timings aside) as an uninterrupted run with the same seed.
+  (timings aside) as an uninterrupted run with the same seed. The last ``--keep-checkpoints`` (2) are
+  kept; ``search/`` and ``final_kd/`` (the end of the search, the final distillation) always are.
+  The agent zip is JSON plus tensors (:mod:`keepgym.agents.serialization`): nothing in it is unpickled;
+* ``.lock``: held while the run is live; a second command on the same folder is refused (``--force`` too).
+
+The validation split is the one recorded in the checkpoint (``keepgym train`` records it; see
+:mod:`keepgym.envs.splits`), so the reward never scores the baseline's training images.
 
 Under ``torchrun --nproc-per-node N`` (``gloo`` on CPU, ``nccl`` on GPU) the KD fine-tunes are
 data-parallel (:func:`keepgym.envs.distill.distill` with ``distributed=True``: each rank distils on its slice of
@@ -80,7 +86,9 @@ from keepgym.experiments.common import (
     CliError,
     arg,
     atomic_torch_save,
+    load_state,
     prepare_run_dir,
+    release_run_dir,
     resolve_device,
     run_name,
     seed_everything,
@@ -119,15 +127,33 @@ _STATE_FILE = "state.pt"
 class PruneConfig:
     """Settings of one ``keepgym prune`` run (saved as ``config.json``)."""
 
-    sparsity: float = arg(help="target channel sparsity in (0, 1): fraction of prunable channels removed")
+    sparsity: float | None = arg(
+        None,
+        help="target channel sparsity in (0, 1): fraction of prunable channels removed "
+        "(give this, --target-macs or --target-params)",
+    )
+    target_macs: float | None = arg(
+        None, help="prune until the model has at most this fraction of its original MACs, e.g. 0.5"
+    )
+    target_params: float | None = arg(
+        None, help="prune until the model has at most this fraction of its original parameters"
+    )
     env: str | None = arg(
         None, help="env id, e.g. RLPrune-Digits-v0 (instead of --model/--dataset/--checkpoint)"
     )
-    model: str | None = arg(None, help="model name, e.g. vgg11, resnet56 (with --dataset and --checkpoint)")
+    model: str | None = arg(
+        None,
+        help="zoo name (e.g. vgg11, resnet56), torchvision:NAME, timm:NAME or pkg.module:factory, as given to "
+        "`keepgym train` (with --dataset and --checkpoint)",
+    )
     dataset: str | None = arg(None, help=f"dataset: {', '.join(DATASETS)}")
     checkpoint: str | None = arg(None, help="trained model file (`keepgym train` writes DIR/model.pt)")
     out: str | None = arg(None, help="run folder (default: runs/prune__<model>__<algo>__s<seed>__<time>)")
-    stage_sparsity: float = arg(0.05, help="channels removed per stage, as a fraction of the original total")
+    stage_sparsity: float = arg(
+        0.05,
+        help="channels removed per stage, as a fraction of the original total; with --target-macs "
+        "(--target-params): the fraction of the original MACs (params) each stage removes",
+    )
     algo: str = arg("rlpruner", help=f"pruning agent: {', '.join(ALGOS)}")
     finetune_epochs: int = arg(1, help="KD epochs over the training split after every stage (0: none)")
     final_finetune_epochs: int = arg(5, help="KD epochs after the last stage (best validation epoch kept)")
@@ -142,7 +168,9 @@ class PruneConfig:
     beta: float = arg(0.0, help="reward weight of the params reduction")
     sample_num: int = arg(10, help="RL-Pruner: candidates per round (K)")
     rounds_per_stage: int = arg(10, help="RL-Pruner: rounds of K candidates per stage (E)")
-    val_size: float = arg(0.1, help="fraction of the training images held out for validation")
+    val_size: float | None = arg(
+        None, help="validation fraction (default: the split recorded in the checkpoint; 0.1 if none is)"
+    )
     calibration_size: int = arg(128, help="training images of the Taylor importance pass")
     eval_size: int | None = arg(None, help="score candidates on this many validation images (default: all)")
     backend: str = arg("serial", help=f"candidate evaluation backend: {', '.join(BACKENDS)}")
@@ -154,11 +182,18 @@ class PruneConfig:
     latency_threads: int | None = arg(
         None, help="torch CPU threads while timing (default: torch's; 1 is steadier on a shared machine)"
     )
-    data_root: str | None = arg(None, help="folder of the torchvision datasets")
+    data_root: str | None = arg(
+        None, help="folder of the torchvision datasets; --dataset folder: the image folder (or .tar.gz/.zip of one)"
+    )
+    train_size: int | None = arg(
+        None, help="training images used (default: the split recorded in the checkpoint; all if none is)"
+    )
+    image_size: int | None = arg(None, help="resize images to this square size (as given to `keepgym train`)")
     device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
     seed: int = arg(0, help="random seed (agent, env sampling, distillation)")
     force: bool = arg(False, help="overwrite an existing run folder")
     resume: bool = arg(False, help="continue the interrupted run in --out")
+    keep_checkpoints: int = arg(2, help="stage checkpoints kept (the newest N; search/ and final_kd/ always)")
     progress: bool = arg(True, help="show a progress bar")
 
 
@@ -184,11 +219,18 @@ def validate(cfg: PruneConfig) -> None:
             raise CliError(
                 f"give --env ID or all of --model, --dataset and --checkpoint (missing {', '.join(missing)})"
             )
-        from keepgym.models import list_models
+        from keepgym.models import list_models, resolve_model
 
         cnns = [m for m in list_models() if not m.startswith("vit")]
-        if cfg.model not in cnns:
-            raise CliError(f"unknown model {cfg.model!r}; valid models: {', '.join(cnns)}")
+        if ":" not in cfg.model and cfg.model not in cnns:
+            raise CliError(
+                f"unknown model {cfg.model!r}; valid models: {', '.join(cnns)}, or torchvision:NAME, timm:NAME, "
+                "pkg.module:factory"
+            )
+        try:
+            resolve_model(cfg.model)
+        except ValueError as err:
+            raise CliError(str(err)) from None
         if cfg.dataset not in DATASETS:
             raise CliError(f"unknown dataset {cfg.dataset!r}; valid datasets: {', '.join(DATASETS)}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
@@ -201,13 +243,30 @@ def validate(cfg: PruneConfig) -> None:
         raise CliError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
     if cfg.eval_size is not None and cfg.eval_size < 1:
         raise CliError(f"--eval-size must be >= 1, got {cfg.eval_size}")
+    targets = {
+        name: value
+        for name, value in (("--sparsity", cfg.sparsity), ("--target-macs", cfg.target_macs),
+                            ("--target-params", cfg.target_params))
+        if value is not None
+    }
+    if len(targets) != 1:
+        raise CliError(
+            "give one target: --sparsity (channels), --target-macs or --target-params"
+            + (f" (got {', '.join(targets)})" if targets else "")
+        )
+    (flag, target), = targets.items()
+    # a channel target removes `target` of the channels; a compute target keeps `target` of the cost
+    removed = target if flag == "--sparsity" else 1.0 - target
     checks = [
-        (0.0 < cfg.sparsity < 1.0, f"--sparsity must be in (0, 1), got {cfg.sparsity}"),
+        (0.0 < target < 1.0, f"{flag} must be in (0, 1), got {target}"),
         (0.0 < cfg.stage_sparsity < 1.0, f"--stage-sparsity must be in (0, 1), got {cfg.stage_sparsity}"),
         (
-            cfg.stage_sparsity <= cfg.sparsity,
-            f"--stage-sparsity ({cfg.stage_sparsity}) must not exceed --sparsity ({cfg.sparsity})",
+            cfg.stage_sparsity <= removed + 1e-12,
+            f"--stage-sparsity ({cfg.stage_sparsity}) must not exceed "
+            + (f"--sparsity ({target})" if flag == "--sparsity" else f"1 - {flag} ({removed:g})"),
         ),
+        (cfg.train_size is None or cfg.train_size >= 10, f"--train-size must be >= 10, got {cfg.train_size}"),
+        (cfg.image_size is None or cfg.image_size >= 4, f"--image-size must be >= 4, got {cfg.image_size}"),
         (cfg.finetune_epochs >= 0, f"--finetune-epochs must be >= 0, got {cfg.finetune_epochs}"),
         (
             cfg.final_finetune_epochs >= 0,
@@ -223,7 +282,8 @@ def validate(cfg: PruneConfig) -> None:
         (math.isfinite(cfg.beta) and cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
         (cfg.sample_num >= 1, f"--sample-num must be >= 1, got {cfg.sample_num}"),
         (cfg.rounds_per_stage >= 1, f"--rounds-per-stage must be >= 1, got {cfg.rounds_per_stage}"),
-        (0.0 < cfg.val_size < 1.0, f"--val-size must be in (0, 1), got {cfg.val_size}"),
+        (cfg.val_size is None or 0.0 < cfg.val_size < 1.0, f"--val-size must be in (0, 1), got {cfg.val_size}"),
+        (cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}"),
         (cfg.calibration_size >= 1, f"--calibration-size must be >= 1, got {cfg.calibration_size}"),
         (cfg.workers >= 1, f"--workers must be >= 1, got {cfg.workers}"),
         (cfg.episodes >= 1, f"--episodes must be >= 1, got {cfg.episodes}"),
@@ -245,8 +305,10 @@ def validate(cfg: PruneConfig) -> None:
         raise CliError(
             f"--resume is supported for {', '.join(STAGED_ALGOS)}; a {cfg.algo} run restarts from scratch"
         )
-    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
-        raise CliError(f"--data-root {cfg.data_root} is not a folder")
+    if cfg.data_root is not None and not Path(cfg.data_root).expanduser().exists():
+        raise CliError(f"--data-root {cfg.data_root} does not exist")
+    if cfg.dataset == "folder" and cfg.data_root is None:
+        raise CliError("--dataset folder needs --data-root DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,18 +318,27 @@ def validate(cfg: PruneConfig) -> None:
 
 def _env_kwargs(cfg: PruneConfig, device: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "target_sparsity": cfg.sparsity,
         "stage_sparsity": cfg.stage_sparsity,
         "criterion": cfg.criterion,
         "alpha": cfg.alpha,
         "beta": cfg.beta,
-        "val_size": cfg.val_size,
         "calibration_size": cfg.calibration_size,
         "finetune_steps": 0,  # the command distils between stages itself (epochs, best-on-validation)
         "device": device,
     }
     if cfg.eval_size is not None:
         kwargs["eval_size"] = cfg.eval_size
+    for key, value in (
+        ("target_sparsity", cfg.sparsity),
+        ("target_macs", cfg.target_macs),
+        ("target_params", cfg.target_params),
+        ("train_size", cfg.train_size),
+        ("image_size", cfg.image_size),
+    ):
+        if value is not None:
+            kwargs[key] = value
+    if cfg.val_size is not None:  # else the checkpoint's recorded split (PruneEnv)
+        kwargs["val_size"] = cfg.val_size
     if cfg.env is None:
         kwargs.update(model_name=cfg.model, dataset=cfg.dataset)
     if cfg.checkpoint is not None:
@@ -291,6 +362,8 @@ def _make_env(cfg: PruneConfig, device: str) -> gym.Env:
             env = prune_env.PruneEnv(**kwargs)
     except (FileNotFoundError, ValueError) as err:
         raise CliError(" ".join(str(err).split())) from None
+    except NotImplementedError as err:  # a layer the pruning graph cannot handle (the message names it)
+        raise CliError(f"{cfg.model or cfg.env} cannot be pruned: {' '.join(str(err).split())}") from None
     if cfg.backend == "ray":
         try:
             from keepgym.envs.ray_backend import register_ray_backend
@@ -609,9 +682,12 @@ def _env_get_state(raw: Any) -> dict[str, Any]:
     return _to_device(snap, "cpu")
 
 
-def _env_set_state(raw: Any, state: dict[str, Any], model: torch.nn.Module, seed: int) -> None:
+def _env_set_state(env: gym.Env, state: dict[str, Any], model: torch.nn.Module, seed: int) -> None:
     """Put the env back into a :func:`_env_get_state` state with ``model`` as its (pruned) model."""
-    raw.reset(seed=seed)  # the env must be started; restore() then overwrites the whole episode state
+    # Reset through the wrappers (gym.make's OrderEnforcing refuses step() before its own reset()); the
+    # env must be started, and restore() then overwrites the whole episode state.
+    env.reset(seed=seed)
+    raw = env.unwrapped
     snap = _to_device(dict(state), raw.device)
     snap["model"] = model.to(raw.device)
     raw.restore(snap)
@@ -755,7 +831,7 @@ def _check_resume(out: Path, cfg: PruneConfig) -> None:
     if not path.exists():
         raise CliError(f"--resume: {out} has no config.json")
     saved = json.loads(path.read_text())
-    ignore = {"resume", "force", "progress", "device", "out", "latency_repeats", "ray_address"}
+    ignore = {"resume", "force", "progress", "device", "out", "latency_repeats", "ray_address", "keep_checkpoints"}
     diff = [k for k, v in saved.items() if k not in ignore and getattr(cfg, k, v) != v]
     if diff:
         raise CliError(f"--resume: settings differ from the saved run in {', '.join(sorted(diff))}")
@@ -821,6 +897,7 @@ def compress(config: PruneConfig) -> dict[str, Any]:
         summary = _compress(config, dist_info)  # None on ranks other than 0
         return main_first(lambda: summary)
     finally:
+        release_run_dir()  # the run folder's lock (taken by prepare_run_dir)
         cleanup_distributed()
 
 
@@ -861,8 +938,8 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
             logger.info("--resume: no complete stage in %s; starting from the beginning", stages_dir)
         if complete and not search_done:
             last = complete[-1]
-            state = torch.load(last / _STATE_FILE, map_location="cpu", weights_only=True)
-            _env_set_state(raw, state["env"], load_model(last / "model.pt"), cfg.seed)
+            state = load_state(last / _STATE_FILE)
+            _env_set_state(env, state["env"], load_model(last / "model.pt"), cfg.seed)
             teacher = load_model(last / "teacher.pt").to(device) if (last / "teacher.pt").exists() else None
             recovery.load_state(state["recovery"], teacher)
             agent = _agent_class(cfg.algo).load(
@@ -882,10 +959,13 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
                 disable=not (cfg.progress and main),
             )
             try:
-                callback = _StageCheckpoint(stages_dir, recovery, clock, bar=bar)
+                from keepgym.agents.callbacks import EnvInfoCallback
+
+                callback = _StageCheckpoint(stages_dir, recovery, clock, keep_last=cfg.keep_checkpoints, bar=bar)
                 agent.learn(
                     num_stages - done_stages,
-                    callback=callback,
+                    # env/* tags, group sparsity histogram + image, config text + hparams, as for --algo ppo
+                    callback=[EnvInfoCallback(config=dataclasses.asdict(cfg)), callback],
                     reset_num_timesteps=done_stages == 0,
                     tb_log_name=cfg.algo,
                 )
@@ -943,7 +1023,7 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
         _save_search(out, best["model"], recovery.teacher, recovery, search, clock)
 
     # ---- final distillation (resumable per epoch) ------------------------------------------------
-    search_state = torch.load(out / "search" / _STATE_FILE, map_location="cpu", weights_only=True)
+    search_state = load_state(out / "search" / _STATE_FILE)
     search = json.loads(search_state["search_json"])
     clock.previous = max(clock.previous, float(search_state["wall"])) if cfg.resume else clock.previous
     student = load_model(out / "search" / "model.pt").to(device)
@@ -953,7 +1033,7 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
     start_epoch, best_acc, best_state = 0, recovery._val(student), copy.deepcopy(student.state_dict())
     final_records: list[dict] = []
     if (final_dir / _STATE_FILE).exists():
-        fstate = torch.load(final_dir / _STATE_FILE, map_location="cpu", weights_only=True)
+        fstate = load_state(final_dir / _STATE_FILE)
         start_epoch, best_acc = int(fstate["epoch"]) + 1, float(fstate["best_val"])
         final_records = json.loads(fstate["records_json"])
         clock.previous = float(fstate["wall"])
@@ -1040,6 +1120,8 @@ def _compress(config: PruneConfig, dist_info: DistributedInfo) -> dict[str, Any]
         "dataset": data.name,
         "seed": cfg.seed,
         "target_sparsity": cfg.sparsity,
+        "target_macs": cfg.target_macs,
+        "target_params": cfg.target_params,
         "stage_sparsity": cfg.stage_sparsity,
         "num_stages": num_stages,
         "baseline": base,

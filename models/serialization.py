@@ -5,6 +5,7 @@ A keepgym model file is a ``torch.save``'d dict of plain values and tensors, so 
 
     {"format": "keepgym-model", "version": 1,
      "spec": {"name": "resnet56", "kwargs": {"num_classes": 100, ...}},   # model.keepgym_spec
+     # or "torchvision:resnet18", "timm:NAME", "pkg.module:factory" (keepgym.models.create_model)
      "widths": {module_name: {"type": "Conv2d", "attrs": {"in_channels": 16, "groups": 1, ...}}},
      "state_dict": {...}, "extra": {...}}
 
@@ -13,12 +14,23 @@ pruned in place by Torch-Pruning has edited ``in_channels`` / ``out_channels`` /
 ``num_features`` / ``in_features`` ... and smaller weights; :func:`load_model` rebuilds the original
 architecture from ``spec``, restores those attributes, gives every parameter and buffer the saved
 shape and then loads the weights strictly.
+
+A ``pkg.module:factory`` spec is rebuilt by importing ``pkg.module`` and calling ``factory``, as a
+Python import would; only a plain function or an ``nn.Module`` class outside the standard library
+and the project's own dependencies is accepted, so a crafted file cannot name e.g. ``os:system``. This is a
+deny list: a function of some other installed package would still be called, so load factory files only
+from sources you would take code from.
+A file holding a pickled whole module (``torch.save(model)``) is refused, never unpickled.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import pickle
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,13 +38,51 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FORMAT", "VERSION", "ModelLoadError", "atomic_save", "load_model", "load_model_with_extra", "save_model"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "ModelLoadError",
+    "add_trusted_factories",
+    "atomic_save",
+    "load_model",
+    "load_model_with_extra",
+    "save_model",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "keepgym-model"
 VERSION = 1
 _PLAIN = (int, float, bool, str, type(None))
+#: Top-level packages a model file's ``pkg.module:factory`` may not name (beside the standard library):
+#: their callables read files, download, unpickle or run code.
+_UNTRUSTED_FACTORY_PACKAGES = frozenset(
+    {"torch", "torchvision", "timm", "numpy", "scipy", "pandas", "pip", "setuptools", "pkg_resources",
+     "keepgym", "gymnasium", "stable_baselines3", "ray", "onnx", "onnxruntime", "onnxscript", "sklearn",
+     "joblib", "cloudpickle", "dill", "huggingface_hub", "safetensors", "tensorboard", "pytest", "_pytest",
+     "IPython", "yaml", "requests", "urllib3", "builtins"}
+)
+
+
+#: ``pkg.module:factory`` references the user has named in this process (``create_model``, ``--model``,
+#: :func:`add_trusted_factories`): only these may be rebuilt from a model file, because rebuilding one
+#: imports and runs that code. Like ``torch.serialization.add_safe_globals`` for ``weights_only`` loads.
+_TRUSTED_FACTORIES: set[str] = set()
+
+
+def add_trusted_factories(refs: list[str] | tuple[str, ...]) -> None:
+    """Allow model files built by these ``pkg.module:factory`` references to be loaded in this process.
+
+    A model file of a zoo, ``torchvision:`` or ``timm:`` model rebuilds without running any code it
+    names. A file of a user factory names code to import and call, so :func:`load_model` refuses it
+    unless the user has named that factory: here, through ``create_model(ref)`` (which trusts the
+    factory it builds), through ``load_model(path, trust_factory=ref)``, or with ``--model ref`` on
+    the command line.
+    """
+    for ref in refs:
+        if not isinstance(ref, str) or ":" not in ref:
+            raise ValueError(f"a trusted factory must look like pkg.module:factory, got {ref!r}")
+        _TRUSTED_FACTORIES.add(ref)
 
 
 class ModelLoadError(ValueError):
@@ -96,7 +146,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any)
     """Save ``model`` (possibly pruned) atomically as a keepgym model file.
 
     Args:
-        model: A model built by ``keepgym.models.create_model`` (it must carry ``keepgym_spec``).
+        model: A model built by ``keepgym.models.create_model`` (it must carry ``keepgym_spec``): a zoo
+            name, ``torchvision:NAME``, ``timm:NAME`` or ``pkg.module:factory``, pruned or not.
         path: Destination file; parent directories are created. The file is written to a temporary
             name first and moved into place, so an interrupted save never leaves a broken file.
         **extra_metadata: Plain values (numbers, strings, lists, dicts, tensors) stored under
@@ -110,7 +161,11 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any)
     """
     spec = getattr(model, "keepgym_spec", None)
     if not isinstance(spec, dict) or "name" not in spec or "kwargs" not in spec:
-        raise ValueError("save_model needs a model built by models.create_model (it has no keepgym_spec)")
+        raise ValueError(
+            f"save_model cannot tell how to rebuild this {type(model).__name__} (it has no keepgym_spec): "
+            "build it with keepgym.models.create_model('torchvision:NAME' | 'timm:NAME' | 'pkg.module:factory' "
+            "| a zoo name, num_classes=...), then prune, train or load weights into it"
+        )
     if not _is_plain(spec):
         raise ValueError(f"keepgym_spec holds values that cannot be saved as plain data: {spec!r}")
     if not _is_plain(extra_metadata):
@@ -136,6 +191,15 @@ def _read(path: Path, map_location: Any) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
+        # weights_only refuses every Python object but tensors and plain containers: say so, naming the
+        # class the file wanted to rebuild (e.g. torchvision.models.resnet.ResNet).
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if wanted:
+            raise ModelLoadError(
+                f"{path}: holds a pickled Python object ({wanted.group(1)}), e.g. a whole module saved with "
+                "torch.save(model); keepgym never unpickles (it could run code). Re-save it where you trust it: "
+                "keepgym.models.save_model(model, path), the model built by keepgym.models.create_model"
+            ) from None
         # torch raises a zoo of types here (UnpicklingError, RuntimeError from the zip reader, ...);
         # reduce all of them to one line naming the file.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -150,9 +214,13 @@ def _read(path: Path, map_location: Any) -> dict[str, Any]:
             and all(isinstance(v, torch.Tensor) for v in payload.values())
             else f"a {type(payload).__name__}"
         )
-        raise ModelLoadError(
-            f"{path}: not a keepgym model file (it holds {kind}); save it with models.save_model"
+        hint = (
+            "; it has weights but no architecture: build the model with keepgym.models.create_model, "
+            "model.load_state_dict(torch.load(path, weights_only=True)), then models.save_model"
+            if kind == "a plain state_dict"
+            else "; save it with models.save_model"
         )
+        raise ModelLoadError(f"{path}: not a keepgym model file (it holds {kind}){hint}")
     if payload.get("version") != VERSION:
         raise ModelLoadError(f"{path}: unsupported keepgym model file version {payload.get('version')!r}")
     for key in ("spec", "widths", "state_dict"):
@@ -230,14 +298,65 @@ def _check_shapes(model: nn.Module, path: Path) -> None:
                 )
 
 
+def _check_factory(name: Any, path: Path) -> None:
+    """Refuse a ``pkg.module:factory`` spec unless the user named it (see :func:`add_trusted_factories`)
+    and it is a model builder of the user's own code."""
+    from keepgym.models import resolve_model  # late import: models/__init__.py imports this module
+
+    if not isinstance(name, str):
+        raise ModelLoadError(f"{path}: the architecture name is a {type(name).__name__}, not a string")
+    prefix, sep, _ = name.partition(":")
+    if not sep or prefix in ("torchvision", "timm"):
+        return  # zoo names and library registries: only models can be built from them
+    top = prefix.split(".")[0]
+    if top in sys.stdlib_module_names or top in _UNTRUSTED_FACTORY_PACKAGES:
+        raise ModelLoadError(f"{path}: refusing model factory {name!r} (not a model builder of your own code)")
+    if name not in _TRUSTED_FACTORIES:
+        raise ModelLoadError(
+            f"{path}: built by the factory {name!r}; rebuilding it imports and runs that code, so it is loaded "
+            f"only when you name it: --model {name} (CLI), or load_model(path, trust_factory={name!r})"
+        )
+    try:
+        factory = resolve_model(name)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: cannot rebuild architecture {name!r}: {exc}") from None
+    owner = (getattr(factory, "__module__", "") or "").split(".")[0]  # where it is defined, not re-exported
+    is_module_class = inspect.isclass(factory) and issubclass(factory, nn.Module)
+    foreign = owner in _UNTRUSTED_FACTORY_PACKAGES or owner in sys.stdlib_module_names
+    if not (inspect.isfunction(factory) or is_module_class) or foreign:
+        raise ModelLoadError(
+            f"{path}: refusing model factory {name!r}: it must be a Python function or nn.Module class "
+            "of your own code"
+        )
+
+
+def check_finite_weights(state_dict: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a model file whose weights are not all tensors of finite numbers (NaN/inf: a diverged run).
+
+    Raises:
+        ModelLoadError: one line naming the file and the first bad tensor.
+    """
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelLoadError(f"{path}: state_dict entry {key!r} is a {type(tensor).__name__}, not a tensor")
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ModelLoadError(
+                    f"{path}: tensor {key!r} holds {bad} NaN/inf values of {tensor.numel()}; refused"
+                )
+
+
 def load_model_with_extra(
-    path: str | os.PathLike, map_location: Any = "cpu"
+    path: str | os.PathLike, map_location: Any = "cpu", trust_factory: str | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a keepgym model file and its extra metadata.
 
     Args:
         path: File written by :func:`save_model`.
         map_location: Passed to ``torch.load`` (the model's tensors end up there).
+        trust_factory: The ``pkg.module:factory`` the file was built with, if it is a user factory's
+            model: naming it allows the code to be imported and run (:func:`add_trusted_factories`).
 
     Returns:
         ``(model, extra)``: the rebuilt model (with ``keepgym_spec`` set, in training mode, like a
@@ -251,8 +370,12 @@ def load_model_with_extra(
     from keepgym.models import create_model  # late import: models/__init__.py imports this module
 
     path = Path(path)
+    if trust_factory is not None and ":" in trust_factory:
+        add_trusted_factories([trust_factory])
     payload = _read(path, map_location)
+    check_finite_weights(payload["state_dict"], path)
     spec = payload["spec"]
+    _check_factory(spec.get("name"), path)
     try:
         model = create_model(spec["name"], **spec["kwargs"])
     except Exception as exc:
@@ -272,6 +395,6 @@ def load_model_with_extra(
     return model, dict(payload.get("extra") or {})
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, map_location: Any = "cpu", trust_factory: str | None = None) -> nn.Module:
     """Load a model saved by :func:`save_model` (see :func:`load_model_with_extra`)."""
-    return load_model_with_extra(path, map_location)[0]
+    return load_model_with_extra(path, map_location, trust_factory)[0]

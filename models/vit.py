@@ -244,20 +244,31 @@ class ViT(nn.Module):
                 (sums to 1 minus the CLS self-attention). ``"agentvit"``: AgentViT's state, the
                 channel mean of that block's attention sub-layer output (unbounded).
         """
-        if not 0 <= layer < self.depth:
-            raise ValueError(f"layer must be in [0, {self.depth}), got {layer}")
         if mode not in SCORE_MODES:
             raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
-        tokens = self.embed(x)
-        for block in self.blocks[:layer]:
-            tokens = block(tokens)
-        out, attn = self.blocks[layer].attn.forward_with_attn(tokens)
+        tokens, out, attn = self.attention_map(x, layer)
         p = self.num_prefix_tokens
         if mode == "agentvit":
             return out.mean(dim=-1)[:, p:]
         if self.cls_token is not None:
             return attn[:, :, 0, p:].mean(dim=1)
         return attn.mean(dim=(1, 2))
+
+    @torch.no_grad()
+    def attention_map(self, x: Tensor, layer: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Block ``layer`` run on all tokens: its input tokens ``(B, T, dim)``, its attention sub-layer
+        output ``(B, T, dim)`` and softmax attention ``(B, heads, T, T)``; T counts the CLS token first.
+
+        The token-dropping adapters of torchvision/timm ViTs (``keepgym.models.vit_adapter``) offer the
+        same method, so ``PatchSelectEnv`` reads every ViT the same way.
+        """
+        if not 0 <= layer < self.depth:
+            raise ValueError(f"layer must be in [0, {self.depth}), got {layer}")
+        tokens = self.embed(x)
+        for block in self.blocks[:layer]:
+            tokens = block(tokens)
+        out, attn = self.blocks[layer].attn.forward_with_attn(tokens)
+        return tokens, out, attn
 
     # -------------------------------------------------------------------- cost
     def analytic_macs(self, k: int | None = None, include_norms: bool = True) -> int:

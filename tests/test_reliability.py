@@ -178,7 +178,7 @@ def test_pickled_code_never_runs(tmp_path, tiny_model):
     sentinel = tmp_path / "code_ran"
     path = tmp_path / "evil.pt"
     torch.save({"format": "keepgym-model", "version": 1, "spec": _Sentinel(str(sentinel))}, path)
-    with pytest.raises(ModelLoadError, match="not a readable model file"):
+    with pytest.raises(ModelLoadError, match="holds a pickled Python object"):
         load_model(path)
     assert not sentinel.exists()
     # and a plain pickle of the same, written without torch
@@ -327,7 +327,7 @@ TRAIN_BAD = [
     pytest.param("--val-size", "nan", ("--val-size",), id="nan-val-size"),
     pytest.param("--label-smoothing", "1", ("--label-smoothing",), id="label-smoothing-1"),
     pytest.param("--train-size", "-5", ("--train-size must be >= 10",), id="negative-train-size"),
-    pytest.param("--data-root", "/nonexistent/keepgym", ("is not a folder",), id="missing-data-root"),
+    pytest.param("--data-root", "/nonexistent/keepgym", ("does not exist",), id="missing-data-root"),
     pytest.param("--device", "tpu9", ("unknown device", "cpu, cuda"), id="unknown-device"),
     pytest.param(
         "--device",

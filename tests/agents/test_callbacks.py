@@ -135,3 +135,37 @@ def test_invalid_arguments_and_the_image_renderer():
         EnvInfoCallback(image_interval=-1)
     image = render_group_sparsity([0.0, 0.5, 1.0], "t")
     assert image is not None and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def test_kept_patch_grid_dims_dropped_patches_and_frames_kept_ones():
+    from keepgym.agents.callbacks import render_kept_patches
+
+    images = np.full((2, 1, 8, 8), 200, dtype=np.uint8)  # 2 images of 2x2 patches of side 4
+    grid = render_kept_patches(images, [[0], [1, 2, 3]], patch_size=4)
+    scale = 64 // 8
+    assert grid.shape == (2 * 8 * scale + 2, 2 * 8 * scale + 2, 3) and grid.dtype == np.uint8
+    bottom = grid[8 * scale + 2 :]
+    inside_kept = bottom[2 * scale, 2 * scale]  # image 0, patch 0 (kept): full brightness
+    inside_dropped = bottom[2 * scale, 6 * scale]  # image 0, patch 1 (dropped): dimmed
+    assert inside_kept.tolist() == [200, 200, 200] and inside_dropped[0] < 60
+    assert bottom[0, 0].tolist() == [0, 255, 0]  # the kept patch's green frame
+
+
+def test_hparams_are_flat_scalars():
+    from keepgym.agents.callbacks import hparams_of
+
+    flat = hparams_of({"alpha": 0.5, "env_kwargs": {"beta": 1, "ratios": (0.5, 1.0)}, "seed": None, "k": np.int64(3)})
+    assert flat == {"alpha": 0.5, "env_kwargs.beta": 1, "env_kwargs.ratios": "[0.5, 1.0]", "seed": "None", "k": 3}
+
+
+def test_progress_bar_names_what_it_counts():
+    from stable_baselines3.common.callbacks import CallbackList
+
+    from keepgym.agents.callbacks import NamedProgressBar, with_progress_bar
+
+    info = EnvInfoCallback()
+    for given in (None, info, [info], lambda _locals, _globals: True):
+        wrapped = with_progress_bar(given, desc="RLPruner", unit="stage")
+        assert isinstance(wrapped, CallbackList) and isinstance(wrapped.callbacks[-1], NamedProgressBar)
+        assert (wrapped.callbacks[-1].desc, wrapped.callbacks[-1].unit) == ("RLPruner", "stage")
+        assert len(wrapped.callbacks) == (1 if given is None else 2)

@@ -82,7 +82,8 @@ def test_sb3_algorithms_learn_on_rlprune_digits_and_log_the_documented_tags(algo
     ids=["dqn-ratio", "ppo-ratio", "ppo-mask", "ddqn-mask"],
 )
 def test_algorithms_on_patchselect_digits_log_kept_patches_and_step_time(algo_cls, kind, tmp_path):
-    model, callback, acc = three_lines(algo_cls, PATCH_ID, TINY_ENV_KWARGS[kind], tmp_path, 30)
+    # Timings are off by default (check_env compares infos); env/step_seconds needs them on.
+    model, callback, acc = three_lines(algo_cls, PATCH_ID, dict(TINY_ENV_KWARGS[kind], info_timings=True), tmp_path, 30)
 
     tags = set(acc.Tags()["scalars"])
     assert PATCH_SCALARS | {"rollout/ep_rew_mean", TRAIN_TAG[algo_cls]} <= tags

@@ -127,11 +127,11 @@ def ratio_valid(action: Any, k: int) -> bool:
 
 
 def mask_valid(action: Any, n: int) -> bool:
-    """MultiBinary(N) mask: real array of shape (N,), only 0/1, at least one 1."""
+    """MultiBinary(N) mask: real array of shape (N,), only 0/1 (all zeros keeps the top-scored patch)."""
     a = _as_array(action)
     if a is None or a.dtype.kind not in "biuf" or a.shape != (n,):
         return False
-    return bool(np.all((a == 0) | (a == 1)) and np.any(a == 1))
+    return bool(np.all((a == 0) | (a == 1)))
 
 
 # ----------------------------------------------------------------------------- snapshots

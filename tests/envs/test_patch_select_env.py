@@ -48,10 +48,11 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("action_mode", ["ratio", "mask"])
+@pytest.mark.parametrize("action_mode", ["ratio", "mask", "patches"])
 def test_check_env_passes(data, action_mode):
-    # Gymnasium compares `info` exactly across two seeded runs, so wall-clock timings are left out.
-    gym_check_env(make_env(data, action_mode=action_mode, info_timings=False), skip_render_check=True)
+    # Timings are off by default: Gymnasium compares `info` exactly across two seeded runs.
+    gym_check_env(make_env(data, action_mode=action_mode, warmup_epochs=1), skip_render_check=True)
+    # (the patches mode's (B, N, F) observation only draws SB3's "is it an image?" warnings)
     sb3_check_env(make_env(data, action_mode=action_mode), warn=True)
 
 
@@ -65,10 +66,10 @@ def test_spaces(data):
 
 
 def test_ratio_step_keeps_top_k_and_macs_fall(data):
-    env = make_env(data)
+    env = make_env(data, info_timings=True)
     obs, info = env.reset(seed=0)
     assert obs.dtype == np.float32 and obs.shape == (N,) and abs(obs.sum() - 1) < 1e-4
-    assert info == {"epoch": 0, "warmup": False}
+    assert info == {"epoch": 0}
     macs = []
     for action in (3, 2, 0):
         _, reward, terminated, truncated, info = env.step(action)
@@ -134,17 +135,39 @@ def test_episode_is_one_epoch_and_reset_continues_the_run(data):
     assert env.epoch == 0 and not same_weights(trained, weights(env))  # a fresh run
 
 
-def test_warmup_trains_on_all_patches_without_reward(data):
-    env = make_env(data, warmup_epochs=1)
+def test_warmup_is_outside_the_agents_mdp(data):
+    # reset(seed) trains the warm-up epoch on all patches itself and returns epoch 1's first state:
+    # every transition an agent sees is a real one (chosen patches, a reward).
+    env, ref = make_env(data, warmup_epochs=1), make_env(data)
     _, info = env.reset(seed=0)
-    assert info["warmup"]
+    ref.reset(seed=0)
+    assert info == {"epoch": 1} and not same_weights(weights(env), weights(ref))  # the ViT has trained
+    seen = []
     for _ in range(4):
         _, reward, _, truncated, info = env.step(0)
-        assert reward == 0.0 and info["warmup"] and info["kept"] == N
-    assert truncated
-    env.reset()
-    _, reward, _, _, info = env.step(0)
-    assert not info["warmup"] and info["kept"] == 4 and reward != 0.0
+        seen.append((info["epoch"], info["kept"], reward))
+    assert truncated and all(epoch == 1 and kept == 4 and reward != 0.0 for epoch, kept, reward in seen)
+
+
+def test_ddqn_driving_the_raw_env_never_stores_a_warmup_transition(data):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from keepgym.agents.ddqn import DDQN
+
+    class Record(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.infos = []
+
+        def _on_step(self):
+            self.infos += list(self.locals["infos"])
+            return True
+
+    env = make_env(data, warmup_epochs=2, keep_ratios=(0.25, 0.5))
+    record = Record()
+    DDQN("MlpPolicy", env, learning_starts=2, batch_size=4, seed=0, device="cpu").learn(6, callback=record)
+    assert len(record.infos) == 6 and all(info["epoch"] >= 2 for info in record.infos)
+    assert all(info["kept"] < N for info in record.infos)  # chosen patches, never the warm-up's all
 
 
 @pytest.mark.parametrize(
@@ -155,7 +178,6 @@ def test_warmup_trains_on_all_patches_without_reward(data):
         ("ratio", 1.5),
         ("ratio", np.array([1, 2])),
         ("ratio", "a"),
-        ("mask", np.zeros(N, dtype=np.int8)),
         ("mask", np.ones(N - 1, dtype=np.int8)),
         ("mask", np.full(N, 0.5)),
         ("mask", np.full(N, np.nan)),

@@ -58,8 +58,7 @@ def test_agentvit_outputs_and_evaluate(tmp_path):
     assert agent.action_space.contains(np.asarray(action).astype(np.int64).reshape(()))
     raw = torch.load(out / "vit.pt", weights_only=True)
     assert raw["format"] == "keepgym-model" and raw["extra"]["agentvit"]["action_mode"] == "ratio"
-    with zipfile.ZipFile(out / "agent.zip") as zf:
-        assert "policy.pth" in zf.namelist()
+    assert zipfile.is_zipfile(out / "agent.zip")
 
     # keepgym evaluate --vit --agent: the agent selects patches at inference time
     result_path = tmp_path / "eval.json"
@@ -86,18 +85,43 @@ def test_other_agents_and_mask_mode(tmp_path, algo, mode):
         assert torch.load(out / "vit.pt", weights_only=True)["extra"]["agentvit"]["action_mode"] == "mask"
 
 
-def test_resume_continues_the_interrupted_run(tmp_path):
-    full = av.train_agentvit(_tiny_config(tmp_path / "full"))
-    assert av.train_agentvit(_tiny_config(tmp_path / "cut", _stop_after_epoch=2)) is None
-    assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
-    assert not (tmp_path / "cut" / "summary.json").exists()
-    resumed = av.train_agentvit(_tiny_config(tmp_path / "cut", resume=True))
+_FULL_RUNS: dict = {}
+
+
+def _uninterrupted(tmp_path_factory, mode):
+    if mode not in _FULL_RUNS:
+        out = tmp_path_factory.mktemp(f"full-{mode}")
+        _FULL_RUNS[mode] = (av.train_agentvit(_tiny_config(out, epochs=4, action_mode=mode)), out)
+    return _FULL_RUNS[mode]
+
+
+@pytest.mark.parametrize(
+    ("mode", "kill"),
+    [
+        ("ratio", dict(_stop_after_steps=12)),  # mid-epoch, 2 steps after checkpoint 3 (5 steps an epoch)
+        ("patches", dict(_stop_after_epoch=2)),  # right after a checkpoint
+        ("patches", dict(_stop_in_checkpoint=3)),  # while checkpoint 3 is written: resume from 2
+        ("patches", dict(_stop_after_steps=12)),
+    ],
+    ids=["ratio-mid-epoch", "patches-after-checkpoint", "patches-in-checkpoint", "patches-mid-epoch"],
+)
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, tmp_path_factory, mode, kill):
+    full, full_out = _uninterrupted(tmp_path_factory, mode)
+    cut = tmp_path / "cut"
+    assert av.train_agentvit(_tiny_config(cut, epochs=4, action_mode=mode, **kill)) is None
+    assert not (cut / "summary.json").exists()
+    # What a SIGKILL mid-write leaves: a hidden temporary folder; resume removes it and never reads it.
+    (cut / "checkpoint" / ".0004.partial").mkdir(parents=True, exist_ok=True)
+    resumed = av.train_agentvit(_tiny_config(cut, epochs=4, action_mode=mode, resume=True))
+    assert not (cut / "checkpoint" / ".0004.partial").exists()
     for block in ("agent", "topk", "random", "joint_full"):
         assert resumed[block]["test_accuracy"] == full[block]["test_accuracy"], block
         assert resumed[block]["kept_patches"] == full[block]["kept_patches"], block
-    a = torch.load(tmp_path / "full" / "vit.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "vit.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(full_out / "vit.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut / "vit.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(p.name for p in (cut / "checkpoint").iterdir())
+    assert kept == ["0003", "0004"]  # the newest --keep-checkpoints (2), all complete
 
 
 @pytest.mark.parametrize(
@@ -140,8 +164,10 @@ def test_evaluate_vit_errors(tmp_path, capsys):
     assert len(lines) == 3 and all(line.startswith("keepgym evaluate: error:") for line in lines)
 
 
-def test_benchmark_agentvit_quick():
-    result = av.benchmark_agentvit(device="cpu", quick=True, steps=2)
+@pytest.mark.parametrize("action_mode", ["ratio", "patches"])
+def test_benchmark_agentvit_quick(action_mode):
+    result = av.benchmark_agentvit(device="cpu", quick=True, steps=2, action_mode=action_mode)
     assert result["full_step_seconds"] > 0 and result["joint_step_seconds"] > 0
     assert result["speedup"] == pytest.approx(result["full_step_seconds"] / result["joint_step_seconds"])
-    assert 1 <= result["kept"] < result["num_patches"]
+    assert 1 <= result["kept"] < result["num_patches"] and result["action_mode"] == action_mode
+    assert result["joint_vit_step_seconds"] < result["joint_step_seconds"]

@@ -43,6 +43,7 @@ def test_torchrun_two_gloo_ranks_train_the_vit_like_one_process(tmp_path):
     assert max((a - b).abs().max().item() for a, b in pairs) < 1e-4
     assert s2["agent"]["kept_patches"] == s1["agent"]["kept_patches"]  # the agent decided the same
     # rank 0 alone wrote: one agent log folder, one final log, one checkpoint
-    assert len([p for p in ddp.iterdir() if p.name.startswith("agentvit_") and p.name != "agentvit_final"]) == 1
+    tb = ddp / "tb"
+    assert len([p for p in tb.iterdir() if p.name.startswith("agentvit_") and p.name != "agentvit_final"]) == 1
     assert {"vit.pt", "agent.zip", "summary.json", "config.json"} <= {p.name for p in ddp.iterdir()}
-    assert (ddp / "checkpoint" / "state.pt").is_file()
+    assert (ddp / "checkpoint" / "0003" / "state.pt").is_file()  # one atomic folder per epoch

@@ -105,4 +105,4 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
     assert abs(s2["val_accuracy"] - s1["val_accuracy"]) < 0.1
     # rank 0 alone wrote: one TensorBoard file, one model
     assert len([p for p in ddp.iterdir() if p.name.startswith("events.out.tfevents")]) == 1
-    assert {"model.pt", "checkpoint.pt", "config.json", "summary.json"} <= {p.name for p in ddp.iterdir()}
+    assert {"model.pt", "checkpoints", "config.json", "summary.json"} <= {p.name for p in ddp.iterdir()}

@@ -100,3 +100,30 @@ def test_foreign_and_missing_files_and_bad_names(tiny_model_file, tmp_path, caps
         main(["evaluate", "--checkpoint", str(path), "--dataset", "synthetic", "--latency-repeats", "0"]) == 2
     )
     assert "channel" in _one_error_line(capsys)
+
+
+def test_val_split_is_the_one_the_model_file_records(tmp_path, capsys):
+    """A model trained with seed 1 and val_size 0.2 is scored on its own validation images, not a re-drawn split."""
+    from keepgym.envs.data import load_dataset
+    from keepgym.envs.splits import split_record
+
+    data = load_dataset("digits", val_size=0.2, seed=1)
+    model = create_model("vgg11", num_classes=10, width_mult=0.125, in_chans=1)
+    save_model(model, tmp_path / "m.pt", split=split_record(data, seed=1, val_size=0.2, train_size=None))
+    args = ["evaluate", "--checkpoint", str(tmp_path / "m.pt"), "--dataset", "digits", "--split", "val",
+            "--latency-repeats", "0", "--out", str(tmp_path / "e.json")]  # fmt: skip
+    assert main(args) == 0
+    figures = json.loads((tmp_path / "e.json").read_text())
+    assert figures["images"] == len(data.val_y) != len(load_dataset("digits").val_y)  # 0.2 of train, not 0.1
+    expected = load_dataset("digits", val_size=0.2, seed=1)
+    from keepgym.envs.metrics import evaluate_accuracy
+
+    acc = evaluate_accuracy(model.eval(), expected.val_x, expected.val_y, expected.normalize)
+    assert figures["val_accuracy"] == pytest.approx(acc)
+    capsys.readouterr()
+    # A file whose record does not match the data (another split's fingerprint) is refused in one line.
+    record = split_record(data, seed=1, val_size=0.2, train_size=None) | {"val_sha256": "0" * 64}
+    save_model(model, tmp_path / "bad.pt", split=record)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "bad.pt"), "--dataset", "digits", "--split", "val",
+                 "--latency-repeats", "0"]) == 2  # fmt: skip
+    assert "validation split differs" in _one_error_line(capsys)

@@ -37,7 +37,7 @@ def _summary(path):
 def test_train_writes_outputs(tmp_path):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--out", str(out)]) == 0
-    for name in ("model.pt", "summary.json", "config.json", "checkpoint.pt"):
+    for name in ("model.pt", "summary.json", "config.json", "checkpoints/002/state.pt", "checkpoints/002/best.pt"):
         assert (out / name).exists(), name
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
     summary = json.loads((out / "summary.json").read_text())
@@ -66,7 +66,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_epoch", interrupted)
     assert main(["train", *TINY, "--out", str(cut)]) == 130
-    assert (cut / "checkpoint.pt").exists() and not (cut / "summary.json").exists()
+    assert (cut / "checkpoints/001/state.pt").exists() and not (cut / "summary.json").exists()
     monkeypatch.setattr(Trainer, "train_epoch", original)
     assert main(["train", *TINY, "--out", str(cut), "--resume"]) == 0
     a, b = load_model(full / "model.pt").state_dict(), load_model(cut / "model.pt").state_dict()
