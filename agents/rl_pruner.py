@@ -497,8 +497,11 @@ class _StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
             self.num_timesteps += 1
             self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
             self._update_info_buffer([info], np.array([done]))
-            if info.get("accuracy") is not None:
-                self._last_accuracy = float(info["accuracy"])
+            # The guard compares like with like: candidates are scored before any recovery, so the reference
+            # is the committed stage's accuracy before its recovery too (after it, every stage would "collapse").
+            last = info.get("accuracy_before_finetune", info.get("accuracy"))
+            if last is not None:
+                self._last_accuracy = float(last)
             self._last_obs = np.asarray(obs)[None]
             self._last_episode_starts = np.array([done])
 
@@ -604,8 +607,10 @@ class RLPruner(_StagedPrunerBase):
             ``K**D`` evaluations and ``K**(D-1)`` env steps per round).
         gamma: Discount of the lookahead.
         collapse_threshold: If the chosen candidate's accuracy is below ``(1 - threshold)`` times the last
-            committed accuracy, reset ``pi`` to width-proportional, clear the archive and redo the
-            stage's search once before committing. None disables the guard.
+            committed stage's accuracy before its recovery (``info["accuracy_before_finetune"]``, else
+            ``info["accuracy"]``; candidates are scored before recovery too), reset ``pi`` to
+            width-proportional, clear the archive and redo the stage's search once before committing. None
+            disables the guard.
         min_prob: Floor of a distribution entry before normalising (``p_min``).
         exploration_fraction: Fraction of the episode's stages during which ``epsilon > 0``.
         exploration_schedule: ``"cosine"`` (reference default), ``"linear"`` or ``"constant"``.

@@ -220,7 +220,7 @@ def _run(cfg: TrainConfig, dist_info: DistributedInfo) -> dict:
             atomic_copy(last / "best.pt", out / "model.pt")
         logger.info("resuming %s after epoch %d", out, trainer.epoch)
     # every rank trains (the epoch statistics are reduced, so all see the same); rank 0 writes
-    writer = SummaryWriter(str(out)) if main else None
+    writer = SummaryWriter(str(out / "tb" / "train")) if main else None
     if writer is not None and trainer.epoch == 0:
         writer.add_text("config", _config_markdown(cfg))
     show = cfg.progress and main

@@ -152,6 +152,26 @@ def test_collapse_guard_redoes_the_stage_search_once():
     assert off.collapse_stages == [] and [h["candidates"] for h in off.history] == [15] * 4
 
 
+class _RecoveringToy(ToyPruneEnv):
+    """Step reports the accuracy after a perfect recovery (1.0) beside the one before it, as PruneEnv with KD does."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        info = {**info, "accuracy_before_finetune": info["accuracy"], "accuracy": 1.0}
+        return obs, reward, terminated, truncated, info
+
+
+def test_collapse_guard_compares_candidates_with_the_last_stage_before_its_recovery():
+    """Candidates are scored before recovery: measured against a recovered accuracy, every stage would look
+    like a collapse. Only the real collapse (stage 2) is re-searched."""
+    env = _RecoveringToy(num_stages=4, collapse_stage=2)
+    agent = _agent(env, sample_num=5, rounds_per_stage=3, collapse_threshold=0.02)
+    agent.learn(4)
+    # Stage 0 is measured against the unpruned model; later stages against the previous stage before its
+    # recovery (against the recovered 1.0, every one of them would fire).
+    assert [h["collapse_reset"] for h in agent.history][1:] == [False, True, False]
+
+
 def test_same_seed_same_committed_actions():
     runs = []
     for seed in (7, 7, 8):

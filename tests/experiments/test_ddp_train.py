@@ -104,5 +104,5 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path):
     assert abs(s2["test_accuracy"] - s1["test_accuracy"]) < 0.1
     assert abs(s2["val_accuracy"] - s1["val_accuracy"]) < 0.1
     # rank 0 alone wrote: one TensorBoard file, one model
-    assert len([p for p in ddp.iterdir() if p.name.startswith("events.out.tfevents")]) == 1
+    assert len(list((ddp / "tb" / "train").glob("events.out.tfevents*"))) == 1
     assert {"model.pt", "checkpoints", "config.json", "summary.json"} <= {p.name for p in ddp.iterdir()}

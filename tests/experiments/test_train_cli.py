@@ -39,7 +39,7 @@ def test_train_writes_outputs(tmp_path):
     assert main(["train", *TINY, "--out", str(out)]) == 0
     for name in ("model.pt", "summary.json", "config.json", "checkpoints/002/state.pt", "checkpoints/002/best.pt"):
         assert (out / name).exists(), name
-    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    assert any((out / "tb" / "train").glob("events.out.tfevents*"))
     summary = json.loads((out / "summary.json").read_text())
     for key in ("val_accuracy", "test_accuracy", "macs", "params", "train_seconds"):
         assert key in summary
