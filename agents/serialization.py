@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
+
+from keepgym.models.serialization import atomic_write
 
 __all__ = [
     "AGENT_FORMAT",
@@ -298,20 +299,7 @@ def _decode(obj: Any, tensors: list[th.Tensor], where: str) -> Any:  # noqa: C90
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(payload))
 
 
 def _zip_path(path: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ import platform
 import random
 import shutil
 import sys
-import tempfile
 import time
 import types
 import typing
@@ -244,28 +243,12 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; results are for everyone who may read the folder
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_jsonable(obj), fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (:func:`keepgym.models.serialization.atomic_write`)."""
+    from keepgym.models.serialization import atomic_write
+
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

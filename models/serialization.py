@@ -32,8 +32,9 @@ import pickle
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ __all__ = [
     "ModelLoadError",
     "add_trusted_factories",
     "atomic_save",
+    "atomic_write",
     "load_model",
     "load_model_with_extra",
     "save_model",
@@ -118,11 +120,12 @@ def _widths(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: {"type": type(m).__name__, "attrs": _module_attrs(m)} for name, m in model.named_modules()}
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file atomically: ``write(fh)`` into a temp file in the same folder, fsync, then rename.
 
-    A crash or kill at any moment leaves either the old file or the new one, never half a file. The
-    file gets the usual permissions (``0666`` minus the umask; ``mkstemp`` alone would make it 0600).
+    A crash or kill at any moment leaves either the old file or the new one, never half a file, and no
+    temp file. The file gets the usual permissions (``0666`` minus the umask; ``mkstemp`` alone would
+    make it 0600). The one atomic-write helper of the project (models, agents, buffers, JSON).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +135,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     os.chmod(tmp, 0o666 & ~mask)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -140,6 +143,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, **extra_metadata: Any) -> Path:
