@@ -15,13 +15,14 @@ masking / evaluation / pure forward (``keepgym bench prune-step``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ from keepgym.envs.pruning import CRITERIA, GroupPruner, count_macs_params
 from keepgym.envs.splits import SplitMismatchError, check_split, read_split, split_record
 
 __all__ = [
+    "CANDIDATE_SCORINGS",
     "PruneEnv",
     "WallTimes",
+    "adaptive_bn",
     "default_checkpoint_path",
     "profile_evaluate",
     "register_evaluate_backend",
@@ -49,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 # Datasets a baseline can be trained for on the fly (no download, a few CPU minutes at most).
 _OFFLINE_DATASETS = ("digits", "synthetic")
+
+#: How :meth:`PruneEnv.evaluate` scores a masked candidate: ``vanilla`` (accuracy right after masking) or
+#: ``adaptive_bn`` (BatchNorm statistics re-estimated on training images first; EagleEye, ECCV 2020).
+CANDIDATE_SCORINGS = ("vanilla", "adaptive_bn")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,6 +148,50 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
         logits = model(x[start : start + batch_size])
         correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
     return correct / max(1, len(y))
+
+
+@contextlib.contextmanager
+def adaptive_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> Iterator[None]:
+    """Re-estimate every BatchNorm's running statistics on ``x`` for the duration of the block.
+
+    Adaptive batch normalisation (Li et al., "EagleEye", ECCV 2020): a pruned candidate's BatchNorm
+    statistics no longer match its activations, and accuracy measured with stale statistics ranks
+    candidates poorly. Inside the block every BatchNorm (with ``track_running_stats``) holds the
+    cumulative average of the batch statistics of ``x`` (normalised training images, forwarded in
+    batches of ``batch_size`` with only the BatchNorms in train mode, no gradient); on exit the
+    statistics, ``momentum``, ``num_batches_tracked`` and the train/eval flags are restored bit for bit.
+    The model is left in eval mode inside the block. Channels whose affine parameters are zeroed (a
+    masked candidate) still output 0, so masked and physically pruned models agree.
+    """
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    saved = [
+        (m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches
+                m.train()
+            # near-equal batches: the cumulative average weights batches equally, and a trailing batch
+            # of one image would fail in a BatchNorm over 1x1 maps
+            for xb in torch.tensor_split(x, max(1, math.ceil(len(x) / batch_size))):
+                model(xb)
+            model.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum, mean, var, count in saved:
+                m.momentum = momentum
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        for m, training in flags:
+            m.training = training
 
 
 def _sync(device: torch.device) -> None:
@@ -304,6 +355,11 @@ class PruneEnv(gym.Env):
       original MACs / params (one of them); ``stage_sparsity`` is then the fraction of the original
       MACs / params a stage removes. ``image_size``: passed to ``load_dataset`` (e.g. an image folder).
     * ``criterion``: ``taylor`` | ``l1`` | ``l2`` | ``random``; ``calibration_size``: Taylor images.
+    * ``candidate_scoring``: how :meth:`evaluate` scores a candidate: ``vanilla`` (validation accuracy
+      right after masking) or ``adaptive_bn`` (first re-estimate every BatchNorm's statistics on
+      ``bn_calibration_size`` training images, drawn once per stage from the stage's seed, then score and
+      restore them: :func:`adaptive_bn`; EagleEye, ECCV 2020). A public attribute; it may be changed
+      between calls. ``vanilla`` draws the same random numbers as before the option existed.
     * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
     * ``finetune_steps``: KD steps after each stage (0); ``finetune_lr``, ``kd_temperature``,
       ``kd_weight``: its settings.
@@ -315,8 +371,9 @@ class PruneEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version. ``target_macs``/``target_params`` were added later without a version bump:
-      they are off by default, and the observation and reward keep their meaning.
+    * v0: initial version. ``target_macs``/``target_params`` and ``candidate_scoring`` were added later
+      without a version bump: they are off (``vanilla``) by default, and the observation and reward keep
+      their meaning.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"]}
@@ -354,8 +411,19 @@ class PruneEnv(gym.Env):
         target_macs: float | None = None,
         target_params: float | None = None,
         image_size: int | None = None,
+        candidate_scoring: str = "vanilla",
+        bn_calibration_size: int = 512,
     ) -> None:
         super().__init__()
+        if candidate_scoring not in CANDIDATE_SCORINGS:
+            raise ValueError(
+                f"unknown candidate_scoring {candidate_scoring!r}; valid: {', '.join(CANDIDATE_SCORINGS)}"
+            )
+        if int(bn_calibration_size) != bn_calibration_size or bn_calibration_size < 1:
+            raise ValueError(f"bn_calibration_size must be an int >= 1, got {bn_calibration_size}")
+        #: ``vanilla`` or ``adaptive_bn`` (see the class docstring); may be changed between calls
+        self.candidate_scoring = candidate_scoring
+        self.bn_calibration_size = int(bn_calibration_size)
         if target_macs is not None and target_params is not None:
             raise ValueError("give target_macs or target_params, not both")
         #: ``"macs"``, ``"params"`` (a compute target) or None (a channel-sparsity target)
@@ -368,7 +436,7 @@ class PruneEnv(gym.Env):
             ratio = float(target_macs if target_macs is not None else target_params)
             if not (math.isfinite(ratio) and 0.0 < ratio < 1.0):
                 raise ValueError(f"target_{self.compute_target} must be in (0, 1), got {ratio}")
-            if not 0.0 < stage_sparsity <= 1.0 - ratio:
+            if not 0.0 < stage_sparsity <= 1.0 - ratio + 1e-9:  # 1 - 0.9 < 0.1 in floating point
                 raise ValueError(
                     f"stage_sparsity (the fraction of the original {self.compute_target} a stage removes) must be "
                     f"in (0, 1 - target_{self.compute_target}={1.0 - ratio:g}], got {stage_sparsity}"
@@ -680,6 +748,8 @@ class PruneEnv(gym.Env):
         self._cost = None
         self._calib: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stage_seed: int | None = None
+        self._bn_cache: tuple[int, torch.Tensor] | None = None
         self._terminated = False
         self.macs, self.params = self.macs0, self.params0
         self.last_accuracy = 0.0
@@ -830,12 +900,38 @@ class PruneEnv(gym.Env):
         x = self.data.normalize(self.data.train_x[idx_t].to(self.device))
         y = self.data.train_y[idx_t].to(self.device)
         self._calib = (x, y)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        self._stage_seed = int(rng.integers(2**62))
+        generator = torch.Generator().manual_seed(self._stage_seed)
         self._scores = self._pruner.importance(self.criterion, x, y, generator, self.batch_size)
         self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
         _sync(self.device)
         return time.perf_counter() - t0
+
+    def bn_calibration_batch(self) -> torch.Tensor | None:
+        """This stage's normalised training images for ``adaptive_bn`` scoring (None with ``vanilla``).
+
+        ``bn_calibration_size`` images drawn from the stage's seed (no draw from ``np_random``, so the
+        ``vanilla`` random stream is unchanged); the same tensor object for every call within a stage.
+        """
+        self._require_started()
+        if self.candidate_scoring != "adaptive_bn" or self._stage_seed is None:
+            return None
+        if self._bn_cache is None or self._bn_cache[0] != self._stage_seed:
+            n = len(self.data.train_y)
+            generator = torch.Generator().manual_seed(self._stage_seed ^ 0x5EED_B4)
+            idx = torch.sort(torch.randperm(n, generator=generator)[: min(self.bn_calibration_size, n)]).values
+            self._bn_cache = (self._stage_seed, self.data.normalize(self.data.train_x[idx].to(self.device)))
+        return self._bn_cache[1]
+
+    def _score(self, counts: np.ndarray) -> float:
+        """Validation accuracy of the masked candidate ``counts`` under :attr:`candidate_scoring`."""
+        bn_x = self.bn_calibration_batch()
+        with self._pruner.masked(counts):
+            with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
+                acc = _accuracy(self.model, *self._val, self.batch_size)
+            _sync(self.device)
+        return acc
 
     def stage_importance(self) -> list[np.ndarray]:
         """Per-channel importance of every group for this stage, each divided by its group's mean.
@@ -965,8 +1061,10 @@ class PruneEnv(gym.Env):
 
         The parameters the allocation would remove are zeroed in place, the model is evaluated in
         eval mode on the validation images and the parameters are restored bit for bit; MACs and
-        params come from the closed form. No random numbers are drawn, so weights, batch-norm
-        buffers, RNG state and observation are exactly as before.
+        params come from the closed form. With ``candidate_scoring="adaptive_bn"`` the BatchNorm
+        statistics are re-estimated on :meth:`bn_calibration_batch` before scoring and restored after.
+        No random numbers are drawn, so weights, batch-norm buffers, RNG state and observation are
+        exactly as before.
 
         Returns:
             ``(reward, info)`` with the same keys as :meth:`step`'s info.
@@ -976,9 +1074,7 @@ class PruneEnv(gym.Env):
             raise RuntimeError("the episode is over (target sparsity reached); call reset()")
         counts = self.allocate(action)
         t0 = time.perf_counter()
-        with self._pruner.masked(counts):
-            acc = _accuracy(self.model, *self._val, self.batch_size)
-            _sync(self.device)
+        acc = self._score(counts)
         eval_s = time.perf_counter() - t0
         return self.candidate_result(counts, acc, WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0))
 
@@ -1057,6 +1153,7 @@ class PruneEnv(gym.Env):
             "scores": [s.clone() for s in self._scores],
             "calib": self._calib,
             "val": self._val,
+            "stage_seed": self._stage_seed,
             "rng": copy.deepcopy(self.np_random.bit_generator.state),
             "finetune_lr_scale": self._finetune_lr_scale,
         }
@@ -1070,6 +1167,7 @@ class PruneEnv(gym.Env):
         self.macs, self.params, self.last_accuracy = snap["macs"], snap["params"], snap["accuracy"]
         self._scores = [s.clone() for s in snap["scores"]]
         self._calib, self._val = snap["calib"], snap["val"]
+        self._stage_seed = snap.get("stage_seed")
         self.np_random.bit_generator.state = copy.deepcopy(snap["rng"])
         self._finetune_lr_scale = snap.get("finetune_lr_scale", 1.0)
         if not self._terminated:  # an ended episode ranks no next stage (its scores predate the last step)

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from keepgym.envs.prune_env import PruneEnv, WallTimes, _accuracy, _classifier, register_evaluate_backend
+from keepgym.envs.prune_env import (
+    PruneEnv,
+    WallTimes,
+    _accuracy,
+    _classifier,
+    adaptive_bn,
+    register_evaluate_backend,
+)
 from keepgym.envs.pruning import GroupPruner
 
 __all__ = ["RAY_INSTALL_HINT", "RayBackend", "benchmark_ray_search", "register_ray_backend"]
@@ -66,6 +73,7 @@ class _Evaluator:
         self.model: nn.Module | None = None
         self.pruner: GroupPruner | None = None
         self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bn_x: torch.Tensor | None = None
         self.batch_size = 256
 
     def load(
@@ -77,13 +85,18 @@ class _Evaluator:
         scores: list[torch.Tensor],
         input_size: tuple[int, ...],
         batch_size: int,
+        bn_x: torch.Tensor | None = None,
     ) -> list[int]:
-        """Take this stage's model and ranking; returns the group widths (checked by the driver)."""
+        """Take this stage's model and ranking; returns the group widths (checked by the driver).
+
+        ``bn_x``: the stage's BatchNorm calibration images for ``adaptive_bn`` scoring (None: vanilla).
+        """
         self.model = model.to(self.device).eval()
         example = torch.zeros(input_size, device=self.device)
         self.pruner = GroupPruner(self.model, example, ignored_layers=[_classifier(self.model)])
         self.pruner.set_ranking(scores)
         self.val = (val_x.to(self.device), val_y.to(self.device))
+        self.bn_x = None if bn_x is None else bn_x.to(self.device)
         self.batch_size = batch_size
         self.version = version
         return [int(w) for w in self.pruner.widths]
@@ -94,7 +107,11 @@ class _Evaluator:
             raise RuntimeError(f"evaluator holds stage version {self.version}, asked for {version}")
         t0 = time.perf_counter()
         with self.pruner.masked(counts):
-            acc = _accuracy(self.model, *self.val, self.batch_size)
+            if self.bn_x is None:
+                acc = _accuracy(self.model, *self.val, self.batch_size)
+            else:
+                with adaptive_bn(self.model, self.bn_x, self.batch_size):
+                    acc = _accuracy(self.model, *self.val, self.batch_size)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         return acc, time.perf_counter() - t0
@@ -201,7 +218,10 @@ class RayBackend:
     def _refresh(self, ray: Any, env: PruneEnv) -> None:
         # A new stage (reset/step/model_changed/restore) always makes a new ranking list, and a
         # reset new validation tensors; holding the objects keeps their identities from being reused.
-        key = (env, env.model, env._scores, env._val)
+        # The BatchNorm calibration batch is one tensor per stage (None with vanilla scoring), so a change
+        # of ``env.candidate_scoring`` also ships the stage again.
+        bn_x = env.bn_calibration_batch()
+        key = (env, env.model, env._scores, env._val, bn_x)
         if self._key is not None and all(a is b for a, b in zip(key, self._key, strict=True)):
             return
         self.version += 1
@@ -213,8 +233,12 @@ class RayBackend:
             ray.put(val_y),
             ray.put([s.detach().cpu() for s in env._scores]),
         ]
+        bn_ref = None if bn_x is None else ray.put(bn_x.detach().cpu())
         widths = ray.get(
-            [a.load.remote(self.version, *refs, tuple(env.input_size), env.batch_size) for a in self._actors]
+            [
+                a.load.remote(self.version, *refs, tuple(env.input_size), env.batch_size, bn_ref)
+                for a in self._actors
+            ]
         )
         expected = [int(w) for w in env.group_widths]
         if any(w != expected for w in widths):

@@ -13,6 +13,10 @@ machine description, the command line that produced it and the raw timings.
 * ``agentvit``: joint ViT + agent training vs full-patch ViT training, per step.
 * ``ray`` (not in ``all``; needs ``pip install -e .[ray]``): a stage's candidate search, serial vs a
   2-worker Ray ``ActorPool``.
+* ``score-fidelity`` (not in ``all``): rank correlation of ``vanilla`` and ``adaptive_bn`` candidate scores
+  with the candidates' accuracy after the same short KD (:mod:`keepgym.experiments.score_fidelity`), on a
+  trained model (``--checkpoint``; ``--quick``: a random tiny model on synthetic data, plumbing only);
+  writes ``score-fidelity.json`` and ``score-fidelity.png``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ logger = logging.getLogger(__name__)
 COMMAND = "bench"
 DESCRIPTION = "Run speed benchmarks (data, prune-step, vit, prune, agentvit, all) and write JSON."
 BENCHMARKS = ("data", "prune-step", "vit", "prune", "agentvit")
-EXTRA_BENCHMARKS = ("ray",)  # needs the optional Ray extra; not part of "all"
+EXTRA_BENCHMARKS = ("ray", "score-fidelity")  # optional extra / needs a trained model; not part of "all"
 
 
 @dataclass
@@ -49,6 +53,17 @@ class BenchConfig:
     quick: bool = arg(False, help="smaller sizes (for tests and a first look)")
     repeats: int = arg(5, help="timed repeats (the median is reported)")
     threads: int | None = arg(None, help="torch CPU threads (default: torch's)")
+    # score-fidelity only
+    model: str = arg("vgg11", help="score-fidelity: model name of --checkpoint")
+    dataset: str = arg("folder", help="score-fidelity: dataset of the model")
+    data_root: str | None = arg(None, help="score-fidelity: data folder or archive")
+    checkpoint: str | None = arg(None, help="score-fidelity: trained model file")
+    image_size: int | None = arg(None, help="score-fidelity: image size (image folders)")
+    candidates: int = arg(20, help="score-fidelity: candidate allocations")
+    stage_macs: float = arg(0.3, help="score-fidelity: fraction of the MACs the stage removes")
+    kd_steps: int = arg(30, help="score-fidelity: KD steps of every candidate's recovery")
+    eval_size: int | None = arg(None, help="score-fidelity: validation images to score on (None: all)")
+    seed: int = arg(0, help="score-fidelity: seed")
 
 
 Config = BenchConfig
@@ -69,11 +84,39 @@ def add_arguments(parser) -> None:
         default=None,
         help="torch CPU threads (default: torch's; 1 gives steadier ratios on a busy machine)",
     )
+    fidelity = parser.add_argument_group("score-fidelity")
+    fidelity.add_argument("--model", default="vgg11", help="model name of --checkpoint (default: vgg11)")
+    fidelity.add_argument("--dataset", default="folder", help="dataset of the model (default: folder)")
+    fidelity.add_argument("--data-root", default=None, help="data folder or archive (e.g. cifar10-jpeg.tar.gz)")
+    fidelity.add_argument("--checkpoint", default=None, help="trained model file (keepgym train's model.pt)")
+    fidelity.add_argument("--image-size", type=int, default=None, help="image size (image folders)")
+    fidelity.add_argument("--candidates", type=int, default=20, help="candidate allocations (default: 20)")
+    fidelity.add_argument(
+        "--stage-macs", type=float, default=0.3, help="fraction of the MACs the stage removes (default: 0.3)"
+    )
+    fidelity.add_argument("--kd-steps", type=int, default=30, help="KD steps per candidate's recovery (default: 30)")
+    fidelity.add_argument("--eval-size", type=int, default=None, help="validation images to score on (default: all)")
+    fidelity.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
 
 
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(
-        which=args.which, out=args.out, device=args.device, quick=args.quick, repeats=args.repeats, threads=args.threads
+        which=args.which,
+        out=args.out,
+        device=args.device,
+        quick=args.quick,
+        repeats=args.repeats,
+        threads=args.threads,
+        model=args.model,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        checkpoint=args.checkpoint,
+        image_size=args.image_size,
+        candidates=args.candidates,
+        stage_macs=args.stage_macs,
+        kd_steps=args.kd_steps,
+        eval_size=args.eval_size,
+        seed=args.seed,
     )
 
 
@@ -236,6 +279,40 @@ def _bench_ray(device: str, quick: bool, repeats: int) -> dict:
     return {"benchmark": "ray", **benchmark_ray_search(workers=2, candidates=8 if quick else 20, quick=quick)}
 
 
+def _bench_score_fidelity(cfg: BenchConfig, device: str, out: Path) -> dict:
+    from keepgym.experiments.score_fidelity import plot_score_fidelity, score_fidelity
+
+    if cfg.candidates < 3:
+        raise CliError(f"--candidates must be >= 3 (a rank correlation), got {cfg.candidates}")
+    if not 0.0 < cfg.stage_macs < 1.0:
+        raise CliError(f"--stage-macs must be in (0, 1), got {cfg.stage_macs}")
+    if cfg.kd_steps < 0:
+        raise CliError(f"--kd-steps must be >= 0, got {cfg.kd_steps}")
+    if cfg.quick:  # plumbing only: a random tiny model on synthetic data, 4 candidates, 2 KD steps
+        from keepgym.envs.data import load_dataset
+
+        data = load_dataset("synthetic", train_size=160, val_size=48, test_size=32, num_classes=4, image_size=16)
+        result = score_fidelity(
+            "vgg11", "synthetic", data=data, pretrained=False, width_mult=0.125, candidates=4, kd_steps=2,
+            bn_calibration_size=32, batch_size=32, seed=cfg.seed, device=device,
+        )
+    else:
+        if cfg.checkpoint is None:
+            raise CliError("score-fidelity needs a trained model: --checkpoint PATH (or --quick for a smoke run)")
+        if not Path(cfg.checkpoint).expanduser().is_file():
+            raise CliError(f"--checkpoint {cfg.checkpoint} does not exist")
+        try:
+            result = score_fidelity(
+                cfg.model, cfg.dataset, data_root=cfg.data_root, checkpoint=cfg.checkpoint,
+                image_size=cfg.image_size, candidates=cfg.candidates, stage_macs=cfg.stage_macs,
+                kd_steps=cfg.kd_steps, eval_size=cfg.eval_size, seed=cfg.seed, device=device,
+            )
+        except (ValueError, FileNotFoundError) as err:  # the env's checks of the model, data and sizes
+            raise CliError(f"score-fidelity: {err}".splitlines()[0]) from None
+    result["plot"] = str(plot_score_fidelity(result, out / "score-fidelity.png"))
+    return result
+
+
 _RUNNERS = {
     "ray": _bench_ray,
     "data": lambda d, q, r: bench_data(d, q, r),
@@ -266,7 +343,10 @@ def run(cfg: BenchConfig) -> dict:
     for name in names:
         logger.info("benchmark %s", name)
         start = time.perf_counter()
-        result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
+        if name == "score-fidelity":
+            result = _bench_score_fidelity(cfg, device, out)
+        else:
+            result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
         result["machine"] = machine_info()
         result["command"] = _command(cfg)
         result["device"] = device
@@ -284,10 +364,24 @@ def _command(cfg: BenchConfig) -> str:
         parts.append("--quick")
     if cfg.threads is not None:
         parts += ["--threads", str(cfg.threads)]
+    if cfg.which == "score-fidelity" and not cfg.quick:
+        for flag, value in (
+            ("--model", cfg.model), ("--dataset", cfg.dataset), ("--data-root", cfg.data_root),
+            ("--checkpoint", cfg.checkpoint), ("--image-size", cfg.image_size), ("--candidates", cfg.candidates),
+            ("--stage-macs", cfg.stage_macs), ("--kd-steps", cfg.kd_steps), ("--eval-size", cfg.eval_size),
+            ("--seed", cfg.seed),
+        ):
+            if value is not None:
+                parts += [flag, str(value)]
     return " ".join(parts)
 
 
 def _headline(result: dict) -> str:
+    if result.get("benchmark") == "score-fidelity":
+        return "; ".join(
+            f"{s}: Spearman {c['val']['spearman']:.3f} Kendall {c['val']['kendall']:.3f}"
+            for s, c in result["correlations"].items()
+        ) + " (with recovered validation accuracy)"
     if result.get("benchmark") == "data":
         return (
             f"loader {result['loader_seconds_per_batch'] * 1e3:.2f} ms/batch vs train step "

@@ -147,6 +147,9 @@ class FrontierConfig:
     finetune_epochs: int | None = arg(None, help="KD epochs after every stage (every method)")
     final_finetune_epochs: int | None = arg(None, help="KD epochs at the end (every method)")
     eval_size: int | None = arg(None, help="score RL-Pruner's candidates on this many validation images (None: all)")
+    candidate_scoring: str = arg(
+        "vanilla", help="RL-Pruner's candidate scoring (see keepgym prune)", choices=("vanilla", "adaptive_bn")
+    )
     threads: int | None = arg(None, help="torch CPU threads (quick: 1, steadier on a shared machine)")
     device: str = arg("auto", help="cpu, cuda, cuda:N or auto")
     progress: bool = arg(True, help="show progress bars")
@@ -247,6 +250,7 @@ def _prune(cfg: FrontierConfig, checkpoint: str, method: str, target: float, see
             finetune_epochs=cfg.finetune_epochs,
             final_finetune_epochs=cfg.final_finetune_epochs,
             eval_size=cfg.eval_size,
+            candidate_scoring=cfg.candidate_scoring,
             latency_repeats=0,
             device=cfg.device,
             seed=seed,

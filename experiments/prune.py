@@ -76,6 +76,7 @@ from keepgym.envs.distributed import (
     is_main_process,
     main_first,
 )
+from keepgym.envs.prune_env import CANDIDATE_SCORINGS
 from keepgym.experiments.checkpoint import (
     complete_checkpoints,
     remove_partial_checkpoints,
@@ -173,6 +174,13 @@ class PruneConfig:
     )
     calibration_size: int = arg(128, help="training images of the Taylor importance pass")
     eval_size: int | None = arg(None, help="score candidates on this many validation images (default: all)")
+    candidate_scoring: str = arg(
+        "vanilla",
+        help="how candidates are scored: accuracy right after masking (vanilla) or after re-estimating "
+        "BatchNorm statistics on training images (adaptive_bn, EagleEye)",
+        choices=CANDIDATE_SCORINGS,
+    )
+    bn_calibration_size: int = arg(512, help="--candidate-scoring adaptive_bn: training images per stage")
     backend: str = arg("serial", help=f"candidate evaluation backend: {', '.join(BACKENDS)}")
     workers: int = arg(1, help="candidate evaluation workers (--backend ray)")
     ray_address: str | None = arg(None, help="--backend ray: cluster address for ray.init (default: local Ray)")
@@ -241,6 +249,8 @@ def validate(cfg: PruneConfig) -> None:
         raise CliError(f"unknown criterion {cfg.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
     if cfg.backend not in BACKENDS:
         raise CliError(f"unknown backend {cfg.backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if cfg.bn_calibration_size < 1:
+        raise CliError(f"--bn-calibration-size must be >= 1, got {cfg.bn_calibration_size}")
     if cfg.eval_size is not None and cfg.eval_size < 1:
         raise CliError(f"--eval-size must be >= 1, got {cfg.eval_size}")
     targets = {
@@ -323,6 +333,8 @@ def _env_kwargs(cfg: PruneConfig, device: str) -> dict[str, Any]:
         "alpha": cfg.alpha,
         "beta": cfg.beta,
         "calibration_size": cfg.calibration_size,
+        "candidate_scoring": cfg.candidate_scoring,
+        "bn_calibration_size": cfg.bn_calibration_size,
         "finetune_steps": 0,  # the command distils between stages itself (epochs, best-on-validation)
         "device": device,
     }

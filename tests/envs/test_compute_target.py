@@ -86,3 +86,8 @@ def test_compute_target_arguments_are_checked(tiny_data):
         _env(tiny_data, target_macs=0.8, stage_sparsity=0.5)
     with pytest.raises(ValueError, match="out of reach"):
         _env(tiny_data, target_macs=0.001, stage_sparsity=0.2, min_channels=4)
+
+
+def test_a_stage_as_large_as_the_whole_budget_is_accepted_despite_float_rounding(tiny_data):
+    env = _env(tiny_data, target_macs=0.9, stage_sparsity=0.1)  # 1 - 0.9 = 0.09999999999999998 in floats
+    assert env.num_stages == 1

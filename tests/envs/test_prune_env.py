@@ -104,8 +104,9 @@ def test_one_stage_on_each_paper_model(data, name):
 
 
 # ----------------------------------------------------------------------------- evaluate
-def test_evaluate_leaves_env_bit_identical_and_matches_step(data):
-    env = _env(data, "resnet20", alpha=0.3, beta=0.2)
+@pytest.mark.parametrize("scoring", ["vanilla", "adaptive_bn"])
+def test_evaluate_leaves_env_bit_identical_and_matches_step(data, scoring):
+    env = _env(data, "resnet20", alpha=0.3, beta=0.2, candidate_scoring=scoring, bn_calibration_size=48)
     env.reset(seed=3)
     env.step(np.ones(env.num_groups))  # start from a pruned state
     obs = env._obs()
@@ -121,6 +122,10 @@ def test_evaluate_leaves_env_bit_identical_and_matches_step(data):
     assert env.np_random.bit_generator.state == rng_state
     assert np.array_equal(env.group_widths, widths) and env.stage == 1
     assert all(p.grad is None for p in env.model.parameters())
+    assert not any(m.training for m in env.model.modules())
+    if scoring == "adaptive_bn":  # committing does not re-estimate statistics: compare with vanilla scoring
+        env.candidate_scoring = "vanilla"
+        reward, info = env.evaluate(action)
     # committing the same action gives the same reward and figures (no fine-tuning)
     _, step_reward, _, _, step_info = env.step(action)
     assert step_reward == pytest.approx(reward, abs=1e-12)

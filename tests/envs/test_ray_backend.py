@@ -63,6 +63,12 @@ def test_ray_matches_serial_and_refreshes_once_per_stage():
         par2 = env.evaluate_many(nxt, backend="ray", workers=2)
         assert [r for r, _ in par2] == [r for r, _ in serial2]
         assert backend.refreshes == 2 and backend.version == 2
+        # adaptive-BN scoring: the stage's BN calibration images are shipped too, rewards still identical
+        env.candidate_scoring = "adaptive_bn"
+        serial3 = env.evaluate_many(nxt)
+        par3 = env.evaluate_many(nxt, backend="ray", workers=2)
+        assert [r for r, _ in par3] == [r for r, _ in serial3] != [r for r, _ in serial2]
+        assert backend.refreshes == 3
     finally:
         backend.shutdown()
         ray.shutdown()
