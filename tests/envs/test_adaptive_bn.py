@@ -11,28 +11,11 @@ from torch import nn
 
 from keepgym.envs.data import load_dataset
 from keepgym.envs.prune_env import PruneEnv, adaptive_bn
-from keepgym.envs.pruning import GroupPruner
-from keepgym.models import create_model, get_classifier
 
-PAPER_MODELS = ["vgg19", "resnet56", "googlenet", "mobilenetv3_large", "densenet121"]
-INPUT = (1, 3, 32, 32)
-
-
-def _tiny(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10, width_mult=0.125).eval()
-    for m in model.modules():  # stale statistics and non-trivial affine maps, so re-estimation matters
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2.0)
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
-def _pruner(model: nn.Module) -> GroupPruner:
-    return GroupPruner(model, torch.zeros(INPUT), ignored_layers=[get_classifier(model)])
+try:  # the same tiny models with perturbed batch-norm statistics as the masked == physical tests
+    from tests.envs.test_pruning import PAPER_MODELS, _pruner, _tiny
+except ImportError:  # pytest's rootdir-relative import when tests/ is not a package on sys.path
+    from test_pruning import PAPER_MODELS, _pruner, _tiny
 
 
 @pytest.mark.parametrize("name", PAPER_MODELS)
