@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["count_macs_params", "evaluate_accuracy", "measure_latency"]
+__all__ = ["count_macs_params", "evaluate_accuracy", "measure_latency", "synchronize"]
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,9 @@ def evaluate_accuracy(
     return correct / len(y)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA), so a wall-clock time covers it; a no-op on the CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -256,11 +258,11 @@ def measure_latency(
     try:
         for _ in range(warmup):
             model(x, **forward_kwargs)
-        _sync(device)
+        synchronize(device)
         for _ in range(repeats):
             start = time.perf_counter()
             model(x, **forward_kwargs)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     finally:
         model.train(was_training)

@@ -33,6 +33,7 @@ from gymnasium import spaces
 
 from keepgym.envs.data import BatchLoader, DatasetSplits, load_dataset
 from keepgym.envs.distributed import all_reduce_sum, main_first
+from keepgym.envs.metrics import synchronize
 from keepgym.models import create_model, save_model
 from keepgym.models.vit import ViT, select_random_k, select_topk, vit_cifar
 from keepgym.models.vit_adapter import adapt_vit
@@ -68,10 +69,6 @@ def _positions(grid: int) -> torch.Tensor:
     row, col = (r.flatten().float() - scale) / scale, (c.flatten().float() - scale) / scale
     return torch.stack((row, col, torch.sqrt((row**2 + col**2) / 2)), dim=1)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _adam(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Adam:
@@ -777,7 +774,7 @@ class PatchSelectEnv(gym.Env):
             if keep is not None and keep.dim() == 2:
                 keep_s = keep.tensor_split(self._world)[self._rank]
         self._vit.train()
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         per_image = F.cross_entropy(self._net(xs, keep=keep_s), ys, reduction="none")
         loss = per_image.mean()
@@ -792,7 +789,7 @@ class PatchSelectEnv(gym.Env):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        _sync(self.device)
+        synchronize(self.device)
         image_losses = None if self.distributed else per_image.detach().float()
         return loss_value, image_losses, diverged, time.perf_counter() - start
 
@@ -960,7 +957,7 @@ class PatchSelectEnv(gym.Env):
         seconds = 0.0
         try:
             for xb, yb in loader:
-                _sync(self.device)
+                synchronize(self.device)
                 start = time.perf_counter()
                 keep = None
                 if choose is not None and needs_scores:
@@ -968,7 +965,7 @@ class PatchSelectEnv(gym.Env):
                 elif choose is not None:
                     keep = choose(torch.zeros(len(xb), self.num_patches, device=xb.device), None)
                 logits = vit(xb, keep=keep)
-                _sync(self.device)
+                synchronize(self.device)
                 seconds += time.perf_counter() - start
                 k = self.num_patches if keep is None else int(keep.shape[-1])
                 correct += int((logits.argmax(dim=1) == yb).sum())
@@ -1069,19 +1066,19 @@ def _benchmark_vit(
     for rnd in range(warmup + steps):
         for i, keep in enumerate(keeps):
             vit.train()
-            _sync(dev)
+            synchronize(dev)
             start = time.perf_counter()
             loss = F.cross_entropy(vit(x, keep=keep), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _sync(dev)
+            synchronize(dev)
             t_train = time.perf_counter() - start
             vit.eval()
             with torch.no_grad():
                 start = time.perf_counter()
                 vit(x, keep=keep)
-                _sync(dev)
+                synchronize(dev)
                 t_infer = time.perf_counter() - start
             if rnd >= warmup:
                 train_t[i].append(t_train)

@@ -35,6 +35,7 @@ from gymnasium import spaces
 
 from keepgym.envs.data import DATASETS, DatasetNotFoundError, DatasetSplits, load_dataset
 from keepgym.envs.distill import distill
+from keepgym.envs.metrics import synchronize
 from keepgym.envs.pruning import CRITERIA, GroupPruner, count_macs_params
 from keepgym.envs.splits import SplitMismatchError, check_split, read_split, split_record
 
@@ -193,10 +194,6 @@ def adaptive_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> Ite
         for m, training in flags:
             m.training = training
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass(eq=False)
@@ -905,7 +902,7 @@ class PruneEnv(gym.Env):
         self._scores = self._pruner.importance(self.criterion, x, y, generator, self.batch_size)
         self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
-        _sync(self.device)
+        synchronize(self.device)
         return time.perf_counter() - t0
 
     def bn_calibration_batch(self) -> torch.Tensor | None:
@@ -930,7 +927,7 @@ class PruneEnv(gym.Env):
         with self._pruner.masked(counts):
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
                 acc = _accuracy(self.model, *self._val, self.batch_size)
-            _sync(self.device)
+            synchronize(self.device)
         return acc
 
     def stage_importance(self) -> list[np.ndarray]:
@@ -987,7 +984,7 @@ class PruneEnv(gym.Env):
         predicted = self._cost(self.group_widths - counts)
         self._pruner.prune(counts)
         self._pristine = False
-        _sync(self.device)
+        synchronize(self.device)
         surgery_s = time.perf_counter() - t0
         finetune_s, acc_before = 0.0, None
         finetune: dict[str, Any] = {
@@ -1322,10 +1319,10 @@ def profile_evaluate(env: PruneEnv, action: Any, repeats: int = 3) -> dict[str, 
     def timed(fn: Callable[[], Any]) -> float:
         out = []
         for _ in range(max(1, repeats)):
-            _sync(device)
+            synchronize(device)
             t = time.perf_counter()
             fn()
-            _sync(device)
+            synchronize(device)
             out.append(time.perf_counter() - t)
         return float(np.median(out))
 

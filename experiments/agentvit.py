@@ -80,12 +80,7 @@ import torch.nn.functional as F
 from keepgym.agents.serialization import load_replay_buffer, save_replay_buffer
 from keepgym.envs.data import DATASETS, BatchLoader, DatasetSplits, load_dataset
 from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, is_main_process, main_first
-from keepgym.experiments.checkpoint import (
-    complete_checkpoints,
-    remove_partial_checkpoints,
-    retain_checkpoints,
-    write_dir_atomically,
-)
+from keepgym.envs.metrics import synchronize
 from keepgym.experiments.common import (
     CliError,
     arg,
@@ -94,6 +89,12 @@ from keepgym.experiments.common import (
     resolve_device,
     seed_everything,
     write_json,
+)
+from keepgym.models.checkpoints import (
+    complete_checkpoints,
+    remove_partial_checkpoints,
+    retain_checkpoints,
+    write_dir_atomically,
 )
 
 __all__ = [
@@ -433,10 +434,6 @@ def _side_by_side(runs: dict[str, Callable[[], dict[str, float]]], rounds: int) 
     return results
 
 
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 # --------------------------------------------------------------------------- baseline
 def _train_baseline(
@@ -471,7 +468,7 @@ def _train_baseline(
     )
     bar = tqdm(total=cfg.epochs * len(loader), desc=bar_desc, disable=not cfg.progress)
     vit.train()
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     try:
         for _ in range(cfg.epochs):
@@ -482,7 +479,7 @@ def _train_baseline(
                 opt.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        _sync(device)
+        synchronize(device)
     finally:
         bar.close()
     return vit, time.perf_counter() - start
@@ -1217,7 +1214,7 @@ def benchmark_agentvit(
     full_opt = torch.optim.Adam(full_vit.parameters(), lr=1e-3, fused=dev.type in ("cpu", "cuda"))
 
     def joint_step(obs: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         action, _ = agent.predict(obs, deterministic=False)
         if action_mode != "patches":
@@ -1237,13 +1234,13 @@ def benchmark_agentvit(
 
     def full_step(x: torch.Tensor, y: torch.Tensor) -> float:
         full_vit.train()
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         loss = F.cross_entropy(full_vit(x), y)
         full_opt.zero_grad(set_to_none=True)
         loss.backward()
         full_opt.step()
-        _sync(dev)
+        synchronize(dev)
         return time.perf_counter() - start
 
     obs, *_ = joint_step(obs)  # a replay buffer to sample from, and one untimed round of each

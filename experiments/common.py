@@ -198,7 +198,7 @@ def prepare_run_dir(out: str | os.PathLike, *, force: bool = False, resume: bool
         CliError: the folder holds a run and neither ``force`` nor ``resume`` was given, ``resume`` was
             given and there is nothing to resume, or another live command holds the folder.
     """
-    from keepgym.experiments.checkpoint import remove_partial_checkpoints
+    from keepgym.models.checkpoints import remove_partial_checkpoints
 
     path = Path(out)
     if path.exists() and not path.is_dir():

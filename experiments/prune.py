@@ -77,12 +77,6 @@ from keepgym.envs.distributed import (
     main_first,
 )
 from keepgym.envs.prune_env import CANDIDATE_SCORINGS
-from keepgym.experiments.checkpoint import (
-    complete_checkpoints,
-    remove_partial_checkpoints,
-    retain_checkpoints,
-    write_dir_atomically,
-)
 from keepgym.experiments.common import (
     CliError,
     arg,
@@ -94,6 +88,12 @@ from keepgym.experiments.common import (
     run_name,
     seed_everything,
     write_json,
+)
+from keepgym.models.checkpoints import (
+    complete_checkpoints,
+    remove_partial_checkpoints,
+    retain_checkpoints,
+    write_dir_atomically,
 )
 
 __all__ = ["COMMAND", "DESCRIPTION", "Config", "PruneConfig", "compress", "run", "validate", "ALGOS"]

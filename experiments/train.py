@@ -35,12 +35,6 @@ from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_
 from keepgym.envs.metrics import count_macs_params, evaluate_accuracy
 from keepgym.envs.splits import split_record
 from keepgym.envs.trainer import Trainer
-from keepgym.experiments.checkpoint import (
-    complete_checkpoints,
-    remove_partial_checkpoints,
-    retain_checkpoints,
-    write_dir_atomically,
-)
 from keepgym.experiments.common import (
     CliError,
     arg,
@@ -51,6 +45,12 @@ from keepgym.experiments.common import (
     resolve_device,
     seed_everything,
     write_json,
+)
+from keepgym.models.checkpoints import (
+    complete_checkpoints,
+    remove_partial_checkpoints,
+    retain_checkpoints,
+    write_dir_atomically,
 )
 
 __all__ = ["TrainConfig", "run", "COMMAND", "DESCRIPTION", "Config"]

@@ -1,4 +1,4 @@
-"""Atomic checkpoint folders for every long command (train, prune, agentvit).
+"""Atomic checkpoint folders and plain-value RNG states for every long run (train, prune, agentvit).
 
 A checkpoint is a folder written under a temporary hidden name (``.NAME.XXXX``), its files fsynced,
 then renamed into place in one ``os.replace``: a folder with a final name is always complete, so a
@@ -9,12 +9,24 @@ only complete folders; the temporary folders a kill leaves behind are removed on
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["write_dir_atomically", "complete_checkpoints", "remove_partial_checkpoints", "retain_checkpoints"]
+import numpy as np
+import torch
+
+__all__ = [
+    "complete_checkpoints",
+    "global_rng_state",
+    "remove_partial_checkpoints",
+    "retain_checkpoints",
+    "set_global_rng_state",
+    "write_dir_atomically",
+]
 
 
 def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> Path:
@@ -69,3 +81,33 @@ def retain_checkpoints(parent: Path, keep_last: int, marker: str = "state.pt", p
     for old in complete[: max(len(complete) - keep_last, 0)]:
         if old.resolve() not in keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def global_rng_state() -> dict[str, Any]:
+    """The global torch, NumPy and Python RNG states as tensors and plain values.
+
+    Unlike the tuples the libraries return, the result saves and loads with
+    ``torch.load(weights_only=True)``; :func:`set_global_rng_state` puts it back.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.as_tensor(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNGs from :func:`global_rng_state` (bit for bit)."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
