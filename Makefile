@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 LOCK ?= requirements.lock
 EXTRAS ?= test,ray,export,timm
 
-.PHONY: demo test lint bench lock test-lowest wheel-check clean
+.PHONY: demo test lint bench lock test-lowest test-lowest-pruning wheel-check clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,18 @@ test-lowest:
 	.venv-lowest/bin/python -m pip install -q --upgrade pip setuptools wheel
 	.venv-lowest/bin/python -m pip install -q -c requirements-lowest.txt -e ".[test]"
 	.venv-lowest/bin/python -m pytest -q
+
+# Torch-Pruning's lower bound with everything else locked, cheap enough for CI: the package is pure Python,
+# so the lowest version goes alone into build/tp-lowest, put ahead of .venv's copy on PYTHONPATH (no second
+# torch). The top of the range is what requirements.lock pins, tested by `make test`.
+TP_LOWEST = $(shell sed -n 's/^torch-pruning==//p' requirements-lowest.txt)
+test-lowest-pruning: $(VENV)/.installed
+	rm -rf build/tp-lowest
+	$(PY) -m pip install -q --no-deps --target build/tp-lowest "torch-pruning==$(TP_LOWEST)"
+	PYTHONPATH=build/tp-lowest $(PY) -c "from importlib.metadata import version as v; \
+	  assert v('torch-pruning') == '$(TP_LOWEST)', v('torch-pruning'); print('torch-pruning', v('torch-pruning'))"
+	PYTHONPATH=build/tp-lowest $(PY) -m pytest -q tests/envs/test_pruning.py tests/envs/test_prune_env.py \
+	  tests/envs/test_compute_target.py tests/models/test_export.py
 
 clean:
 	rm -rf $(VENV) .venv-lowest .venv-lock runs/demo .pytest_cache

@@ -23,7 +23,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
-from keepgym.agents.rl_pruner import PruneDistributionPolicy, _normalise, _StagedPrunerBase
+from keepgym.agents.rl_pruner import PruneDistributionPolicy, StagedPrunerBase, normalise_distribution
 
 __all__ = ["GlobalPruner", "UniformPruner"]
 
@@ -98,7 +98,7 @@ def _global_counts(
     return counts
 
 
-class _FixedRulePruner(_StagedPrunerBase):
+class _FixedRulePruner(StagedPrunerBase):
     """A staged pruner whose per-stage action follows from the env's state by a fixed rule."""
 
     def __init__(
@@ -130,7 +130,7 @@ class _FixedRulePruner(_StagedPrunerBase):
         mask = np.asarray(raw.prunable_mask(), dtype=bool)
         if not mask.any():
             raise RuntimeError("no group can give channels any more, but the episode has not terminated")
-        action = _normalise(self._rule(raw, mask), mask)
+        action = normalise_distribution(self._rule(raw, mask), mask)
         self.policy.set_distribution(action)
         return action.astype(np.float32), {"candidates": 0}
 

@@ -34,7 +34,9 @@ hparams                               the same config, flattened (:func:`hparams
 ====================================  =================================================================
 
 :class:`PatchEpochCallback` adds per-epoch figures of a ``PatchSelectEnv`` run (``epoch/*``, ``eval/*`` and a
-grid image of the kept patches); :class:`NamedProgressBar` is SB3's progress bar naming what it counts.
+grid image of the kept patches); :class:`EpochCheckpointCallback` checkpoints such a run at every epoch end
+(``eval/*`` too) and :func:`load_epoch_checkpoint` resumes it exactly; :class:`NamedProgressBar` is SB3's
+progress bar naming what it counts.
 The README's TensorBoard table lists every tag of every command.
 
 SB3's own tags (``rollout/ep_rew_mean``, ``train/*``, ``time/*``; ``stage/*`` for ``RLPruner``) are
@@ -44,11 +46,12 @@ every finished episode's final figures are kept in :attr:`EnvInfoCallback.episod
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +61,23 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Progr
 from stable_baselines3.common.logger import Image, TensorBoardOutputFormat
 from stable_baselines3.common.type_aliases import MaybeCallback
 
+from keepgym.agents.serialization import load_replay_buffer, load_sb3_agent, save_replay_buffer
+from keepgym.models.checkpoints import global_rng_state, retain_checkpoints, set_global_rng_state, write_dir_atomically
+from keepgym.models.serialization import atomic_save
+
 __all__ = [
+    "CHECKPOINT_STATE_FILE",
     "EnvInfoCallback",
+    "EpochCheckpointCallback",
     "PatchEpochCallback",
+    "StageCheckpointCallback",
     "NamedProgressBar",
     "DEFAULT_INFO_KEYS",
     "DEFAULT_FINAL_KEYS",
     "DEFAULT_HPARAM_METRICS",
     "hparams_of",
+    "load_epoch_checkpoint",
+    "load_stage_checkpoint",
     "read_tensorboard",
     "render_group_sparsity",
     "render_kept_patches",
@@ -537,7 +549,7 @@ class PatchEpochCallback(BaseCallback):
                                           the patches the agent keeps (others dimmed, kept framed)
     ``eval/val_accuracy_agent``           with ``evaluate=True``: validation accuracy with the agent's
     ``eval/val_accuracy_full``            patches, with all patches, and the agent's mean kept patches
-    ``eval/val_kept_patches``             (``keepgym agentvit`` writes these three itself)
+    ``eval/val_kept_patches``             (``EpochCheckpointCallback`` writes them too)
     ====================================  =============================================================
 
     Works with a single env or a ``DummyVecEnv`` (it reads env 0's ``unwrapped`` env).
@@ -630,3 +642,291 @@ class PatchEpochCallback(BaseCallback):
         if keep.dim() == 1:  # one set for the batch (mask mode)
             keep = keep.unsqueeze(0).expand(len(x_u8), -1)
         return render_kept_patches(x_u8.cpu().numpy(), keep.tolist(), int(vit.patch_size))
+
+
+#: The file that marks a complete :class:`EpochCheckpointCallback` folder (written last).
+CHECKPOINT_STATE_FILE = "state.pt"
+
+
+def _completed_epochs(core: Any) -> int:
+    """Epochs of the env's run completed so far (warm-up included), between two steps."""
+    return core.epoch if core.epoch_step < core.steps_per_epoch else core.epoch + 1
+
+
+class EpochCheckpointCallback(BaseCallback):
+    """Checkpoint (and score) a ``PatchSelectEnv`` run at the end of every epoch, for an exact resume.
+
+    At the first rollout start after an epoch ended (after the epoch's last transition is stored and
+    its gradient step taken; SB3's ``on_step`` comes before both) and once more when ``learn`` ends,
+    it writes ``path/NNNN/`` (``NNNN`` = epochs completed, warm-up included) atomically
+    (:func:`keepgym.models.checkpoints.write_dir_atomically`) and keeps the newest ``keep_last``:
+
+    * ``agent.zip``: the agent's own ``save`` (pickle-free), ``replay_buffer.npz`` (off-policy agents,
+      :func:`keepgym.agents.serialization.save_replay_buffer`);
+    * ``state.pt`` (written last; ``torch.load(weights_only=True)``): the env's public ``state_dict()``
+      (ViT, optimiser, data order, RNG), :func:`keepgym.models.checkpoints.global_rng_state`, the agent's
+      action-space RNG, ``epoch``, ``num_timesteps``, ``train_seconds`` and ``finished`` (True for the
+      folder written when ``learn`` reached its total).
+
+    :func:`load_epoch_checkpoint` puts all of it back, so ``learn`` continues bit for bit.
+
+    With ``evaluate=True`` it first writes ``eval/val_accuracy_full``, ``eval/val_accuracy_agent``,
+    ``eval/val_kept_patches`` and ``eval/epoch`` (the env's own ``evaluate``/``evaluate_policy`` on the
+    validation split, RNGs untouched), the last epoch's too. :attr:`train_seconds` is the wall time since
+    this callback was made (make it right before ``learn``: the first reset, warm-up included, happens
+    before ``learn`` starts its callbacks) without this callback's own work, plus ``train_seconds`` of the
+    run resumed.
+
+    Args:
+        path: Folder of the numbered checkpoint folders.
+        keep_last: Checkpoints kept (the newest).
+        evaluate: Score the validation split at every epoch end.
+        save: Write files (False on data-parallel ranks other than 0, which only keep step).
+        train_seconds: Training time already spent by the run being resumed.
+        write_extra: ``fn(tmp_folder, epoch)`` called before ``state.pt`` is written, to add files.
+        verbose: SB3 verbosity.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        keep_last: int = 2,
+        evaluate: bool = True,
+        save: bool = True,
+        train_seconds: float = 0.0,
+        write_extra: Callable[[Path, int], None] | None = None,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.path = Path(path)
+        self.keep_last = int(keep_last)
+        self.evaluate = bool(evaluate)
+        self.save = bool(save)
+        self.write_extra = write_extra
+        self.last_epoch: int | None = None  # epoch of the newest checkpoint written
+        self.last_checkpoint: Path | None = None
+        self._before = float(train_seconds)
+        self._start = time.perf_counter()
+        self._excluded = 0.0
+        self._epoch_ended = False
+        self._total: int | None = None
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in ``learn`` so far (this callback's own work excluded), resumed runs included."""
+        return self._before + (time.perf_counter() - self._start) - self._excluded
+
+    def _core(self) -> Any:
+        return self.training_env.get_attr("unwrapped", indices=[0])[0]
+
+    def _on_training_start(self) -> None:
+        self._total = self.locals.get("total_timesteps")
+        # A run resumed in the middle of an epoch (A2C's short rollouts) is not at an episode start.
+        starts = getattr(self.model, "_last_episode_starts", None)
+        if starts is not None and self._core().epoch_step > 0:
+            self.model._last_episode_starts = np.zeros_like(starts)
+
+    def _on_step(self) -> bool:
+        if np.any(self.locals.get("dones", False)):
+            self._epoch_ended = True
+        return True
+
+    def _on_rollout_start(self) -> None:
+        if self._epoch_ended:
+            self._end_epoch(finished=False)
+
+    def _on_training_end(self) -> None:
+        finished = self._total is not None and self.num_timesteps >= self._total
+        if self._epoch_ended or finished:
+            self._end_epoch(finished=finished)
+
+    def _end_epoch(self, finished: bool) -> None:
+        self._epoch_ended = False
+        start = time.perf_counter()
+        core = self._core()
+        epoch = _completed_epochs(core)
+        if self.save:
+            if self.evaluate and epoch != self.last_epoch:
+                self._log_validation(core, epoch)
+            self.last_checkpoint = self._write(core, epoch, finished)
+        self.last_epoch = epoch
+        self._excluded += time.perf_counter() - start
+
+    def _log_validation(self, core: Any, epoch: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            full = core.evaluate(None, "val")
+            chosen = core.evaluate_policy(self.model, "val")
+        self.logger.record("eval/val_accuracy_full", full["accuracy"])
+        self.logger.record("eval/val_accuracy_agent", chosen["accuracy"])
+        self.logger.record("eval/val_kept_patches", chosen["kept_patches"])
+        self.logger.record("eval/epoch", epoch)
+        self.logger.dump(step=self.num_timesteps)
+
+    def _write(self, core: Any, epoch: int, finished: bool) -> Path:
+        agent = self.model
+        state = {
+            "env": core.state_dict(),
+            "rng": global_rng_state(),
+            "action_space_rng": copy.deepcopy(agent.action_space.np_random.bit_generator.state),
+            "epoch": epoch,
+            "num_timesteps": int(agent.num_timesteps),
+            "train_seconds": self.train_seconds,
+            "finished": finished,
+        }
+
+        def write(tmp: Path) -> None:
+            agent.save(tmp / "agent.zip")
+            if getattr(agent, "replay_buffer", None) is not None:  # arrays in an .npz: SB3's would pickle
+                save_replay_buffer(agent, tmp / "replay_buffer.npz")
+            if self.write_extra is not None:
+                self.write_extra(tmp, epoch)
+            atomic_save(state, tmp / CHECKPOINT_STATE_FILE)
+
+        final = write_dir_atomically(self.path / f"{epoch:04d}", write)
+        retain_checkpoints(self.path, self.keep_last, CHECKPOINT_STATE_FILE)
+        return final
+
+
+def load_epoch_checkpoint(
+    folder: str | Path, agent_class: type, env: Any, device: str = "cpu", map_location: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """Rebuild the agent of an :class:`EpochCheckpointCallback` folder and queue the env's state.
+
+    Loads ``agent.zip`` (pickle-free, :func:`keepgym.agents.serialization.load_sb3_agent`) around ``env``
+    and its replay buffer, puts back the global and action-space RNGs, and hands the env's
+    ``state_dict`` to the agent's next reset (``VecEnv.set_options({"state_dict": ...})``, which
+    ``PatchSelectEnv.reset`` loads with ``load_state_dict``). Then ``agent.learn(rest,
+    reset_num_timesteps=False)`` continues the run bit for bit.
+
+    Args:
+        folder: One ``NNNN`` checkpoint folder.
+        agent_class: The agent's class (``DDQN``, SB3's ``DQN``/``PPO``/``A2C``, ...).
+        env: The env the agent acts in (a ``PatchSelectEnv`` built with the run's settings).
+        device: The agent's device.
+        map_location: ``torch.load``'s, for the env state's tensors.
+
+    Returns:
+        The agent and the folder's state (``epoch``, ``num_timesteps``, ``train_seconds``, ``finished``,
+        ``env``: the env's ``state_dict``).
+    """
+    folder = Path(folder)
+    state = torch.load(folder / CHECKPOINT_STATE_FILE, map_location=map_location, weights_only=True)
+    agent = load_sb3_agent(agent_class, folder / "agent.zip", env=env, device=device)
+    if getattr(agent, "replay_buffer", None) is not None and (folder / "replay_buffer.npz").exists():
+        load_replay_buffer(agent, folder / "replay_buffer.npz")
+    set_global_rng_state(state["rng"])
+    agent.action_space.np_random.bit_generator.state = state["action_space_rng"]
+    agent.get_env().set_options({"state_dict": state["env"]})
+    agent._last_obs = None  # SB3's learn() resets (i.e. restores) the env when it holds no observation
+    return agent, state
+
+
+class StageCheckpointCallback(BaseCallback):
+    """Writes ``<path>/NNN/`` after every committed stage of a ``PruneEnv`` run (one timestep = one stage).
+
+    Each folder holds ``state.pt`` (``env.unwrapped.state_dict()``: pruned model, counters, ranking, RNG and
+    the recovery with its teacher; the global RNG states; ``extra_state()``), ``model.pt`` (the pruned model,
+    :func:`keepgym.models.save_model`) and ``agent.zip`` (``agent.save``), all readable with
+    ``torch.load(weights_only=True)``. It is written to a temporary folder and renamed
+    (:func:`keepgym.models.checkpoints.write_dir_atomically`), so a kill never leaves half a checkpoint; the
+    newest ``keep_last`` are kept. :func:`load_stage_checkpoint` resumes from the newest one, bit for bit.
+
+    It also writes ``kd/val_accuracy``, ``kd/macs_ratio``, ``kd/sparsity`` (the recovery's last stage record)
+    and ``kd/teacher_val_accuracy`` and dumps the logger at every stage.
+
+    Args:
+        path: Folder of the numbered stage folders.
+        keep_last: Checkpoints kept (the newest).
+        extra_state: ``fn() -> dict`` of plain values saved under ``"extra"`` (e.g. the run's wall time).
+        on_checkpoint: ``fn(stage)`` called after each complete checkpoint (progress bars, tests).
+        save: Write files (False on data-parallel ranks other than 0).
+        verbose: SB3 verbosity.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        keep_last: int = 2,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+        save: bool = True,
+        verbose: int = 0,
+    ) -> None:
+        super().__init__(verbose)
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.path = Path(path)
+        self.keep_last = int(keep_last)
+        self.extra_state = extra_state
+        self.on_checkpoint = on_checkpoint
+        self.save = bool(save)
+
+    def _raw_env(self) -> Any:
+        venv = self.training_env.unwrapped if hasattr(self.training_env, "unwrapped") else self.training_env
+        return venv.envs[0].unwrapped
+
+    def _on_step(self) -> bool:
+        raw = self._raw_env()
+        stage = int(raw.stage)
+        recovery = getattr(raw, "recovery", None)
+        records = getattr(recovery, "stage_records", None) or [{}]
+        for key in ("val_accuracy", "macs_ratio", "sparsity"):
+            if records[-1].get(key) is not None:
+                self.logger.record(f"kd/{key}", float(records[-1][key]))
+        if getattr(recovery, "teacher_val", None) is not None:
+            self.logger.record("kd/teacher_val_accuracy", float(recovery.teacher_val))
+        self.logger.dump(step=self.num_timesteps)
+        if self.save:
+
+            def write(tmp: Path) -> None:
+                if getattr(raw.model, "keepgym_spec", None) is not None:  # a model file needs a rebuild recipe
+                    raw.save(tmp / "model.pt")
+                self.model.save(tmp / "agent.zip")
+                extra = self.extra_state() if self.extra_state is not None else {}
+                state = {"stage": stage, "env": raw.state_dict(), "rng": global_rng_state(), "extra": extra}
+                atomic_save(state, tmp / CHECKPOINT_STATE_FILE)
+
+            write_dir_atomically(self.path / f"{stage:03d}", write)
+            retain_checkpoints(self.path, self.keep_last, CHECKPOINT_STATE_FILE)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(stage)
+        return True
+
+
+def load_stage_checkpoint(
+    path: str | Path, env: Any, agent_class: type, seed: int | None = None, **load_kwargs: Any
+) -> tuple[Any, dict[str, Any]] | None:
+    """Resume from the newest complete :class:`StageCheckpointCallback` folder under ``path``.
+
+    Resets ``env`` (``seed``; through its wrappers, which refuse a step before their own reset), loads the
+    env's state (``env.unwrapped.load_state_dict``), the agent (``agent_class.load(..., env=env,
+    force_reset=False, **load_kwargs)``) and then the global RNGs (after the load, which reseeds them).
+
+    Returns:
+        ``(agent, state)`` (``state["stage"]``, ``state["extra"]``), or None if there is no complete checkpoint.
+    """
+    from keepgym.models import load_model
+    from keepgym.models.checkpoints import complete_checkpoints
+    from keepgym.models.serialization import ModelLoadError
+
+    complete = complete_checkpoints(Path(path), CHECKPOINT_STATE_FILE)
+    if not complete:
+        return None
+    last = complete[-1]
+    try:
+        state = torch.load(last / CHECKPOINT_STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but tensors and plain values, zip errors, ...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ModelLoadError(f"{last / CHECKPOINT_STATE_FILE}: not a readable stage checkpoint: {reason}") from None
+    if (last / "model.pt").exists():  # the model file beside it must be the same model (not edited or mixed up)
+        saved = load_model(last / "model.pt").state_dict()
+        weights = state["env"]["model"]
+        if saved.keys() != weights.keys() or any(not torch.equal(saved[k], weights[k]) for k in saved):
+            raise ModelLoadError(f"{last / 'model.pt'}: does not match {CHECKPOINT_STATE_FILE} beside it")
+    env.reset(seed=seed)
+    env.unwrapped.load_state_dict(state["env"])
+    agent = agent_class.load(last / "agent.zip", env=env, force_reset=False, **load_kwargs)
+    set_global_rng_state(state["rng"])
+    return agent, state

@@ -46,6 +46,7 @@ from stable_baselines3.dqn.policies import CnnPolicy, DQNPolicy, MlpPolicy, Mult
 from torch import nn
 from torch.nn import functional as F
 
+from keepgym.agents.callbacks import with_progress_bar
 from keepgym.agents.serialization import SafeSaveMixin
 
 __all__ = ["BranchingQNetwork", "BranchingQPolicy", "DDQN", "PatchQNetwork", "PatchQPolicy", "PatchReplayBuffer"]
@@ -864,18 +865,22 @@ class DDQN(SafeSaveMixin, OffPolicyAlgorithm):
             log_interval: Dump the logs every this many episodes.
             tb_log_name: TensorBoard run name.
             reset_num_timesteps: Restart the step counter (and the TensorBoard run).
-            progress_bar: Show a progress bar (tqdm + rich).
+            progress_bar: Show a progress bar (tqdm + rich) labelled ``"<tb_log_name> (steps)"``, one
+                tick per env step (for ``PatchSelectEnv``, one ViT training step).
 
         Returns:
             self.
         """
+        if progress_bar:
+            # SB3's own bar has no label; this one names the run and the unit it counts.
+            callback = with_progress_bar(callback, desc=tb_log_name, unit="step")
         return super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
             log_interval=log_interval,
             tb_log_name=tb_log_name,
             reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
+            progress_bar=False,
         )
 
     def _excluded_save_params(self) -> list[str]:

@@ -20,6 +20,12 @@ PRUNE_ENV_IDS = {
     "RLPrune-DenseNet121-v0": {"model_name": "densenet121", "dataset": "cifar100"},
     "RLPrune-Digits-v0": {"model_name": "vgg11", "dataset": "digits", "width_mult": 0.25},
 }
+# v1: the same envs with ``action_param="log_prior"``: the action is a vector of log-factors in [-1, 1]
+# around the width-proportional split, so the zero action every Gaussian policy starts from is a sensible
+# allocation (PPO, SAC, A2C). v0 keeps the plain split weights RLPruner searches over.
+PRUNE_ENV_IDS.update(
+    {_id.replace("-v0", "-v1"): {**_kw, "action_param": "log_prior"} for _id, _kw in list(PRUNE_ENV_IDS.items())}
+)
 PATCH_ENV_IDS = {
     "PatchSelect-CIFAR10-v0": {"dataset": "cifar10"},
     "PatchSelect-FashionMNIST-v0": {"dataset": "fashion_mnist", "image_size": 28, "patch_size": 4},
@@ -29,6 +35,13 @@ PATCH_ENV_IDS = {
         "batch_size": 64, "augment": False,
     },
 }
+# v1: warm-up runs inside ``reset`` (the agent never stores a warm-up transition), timings are out of
+# ``info`` by default and at least one patch per image is always kept. Gymnasium's rule is to bump ``-vN``
+# whenever a change may affect learning results, so these are the ids to use and cite.
+# v0 stays registered, with the same behaviour as v1, only so existing scripts keep running: the old v0
+# (warm-up steps inside the agent's episode, rewarded 0) cannot be rebuilt without keeping that bug, and
+# the change landed before any result was published with v0. Results should name v1.
+PATCH_ENV_IDS.update({_id.replace("-v0", "-v1"): dict(_kw) for _id, _kw in list(PATCH_ENV_IDS.items())})
 
 for _id, _kw in PRUNE_ENV_IDS.items():
     if _id not in registry:

@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from keepgym.envs.data import BatchLoader, DatasetSplits
 from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
 
-__all__ = ["DistillStats", "distill", "kd_loss"]
+__all__ = ["DistillStats", "distill", "distill_epochs", "kd_loss", "kd_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,3 +305,89 @@ def _run(
         restored_step=good_step if diverged else None,
         seconds=time.perf_counter() - start,
     )
+
+
+def kd_seed(seed: int, stage: int, epoch: int) -> int:
+    """A distinct, reproducible distillation seed for every (run seed, stage, epoch)."""
+    return (seed * 1_000_003 + stage * 1_009 + epoch) % (2**31 - 1)
+
+
+def _cosine(lr: float, min_lr: float, frac: float) -> float:
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
+
+
+def distill_epochs(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: DatasetSplits,
+    epochs: int,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    seed: int,
+    stage: int,
+    learning_rate: float = 1e-3,
+    min_learning_rate: float = 1e-6,
+    batch_size: int = 128,
+    temperature: float = 2.0,
+    kd_weight: float = 0.75,
+    device: str | torch.device | None = None,
+    start_epoch: int = 0,
+    best: tuple[float, dict] | None = None,
+    keep_best: bool = True,
+    on_epoch: Callable[[int, float, dict, list[dict]], None] | None = None,
+    distributed: bool = False,
+) -> tuple[float, list[dict]]:
+    """Distil ``student`` for ``epochs`` epochs of ``data``'s train split under one cosine schedule.
+
+    Each epoch is one :func:`distill` call with its own seed (:func:`kd_seed` of ``seed``, ``stage``, epoch)
+    and its slice of the global cosine, so a run resumed between epochs is bit-identical to one that was not.
+    With ``keep_best`` the student ends with the weights of its best epoch by ``evaluate`` (or its entry
+    weights, if no epoch beat ``best``).
+
+    Args:
+        evaluate: ``evaluate(model) -> accuracy`` on the validation split (never the test split).
+        seed, stage: pick the per-epoch seeds.
+        start_epoch: first epoch to run (resume); ``best`` then carries what the earlier epochs kept.
+        best: ``(accuracy, state_dict)`` to beat (default: the student's entry weights and accuracy).
+        keep_best: end with the best epoch's weights (False: the last epoch's).
+        on_epoch: ``on_epoch(epoch, best_accuracy, best_state, records)`` after every epoch (checkpoints).
+        distributed: data-parallel over the open process group; all ranks end with the same student.
+
+    Returns:
+        ``(accuracy of the weights the student ends with, per-epoch records)``; a record holds ``epoch``,
+        ``val_accuracy``, ``loss``, ``diverged``, ``seconds``.
+    """
+    steps = max(1, math.ceil(len(data.train_y) / batch_size))
+    if best is None:
+        best = (evaluate(student), copy.deepcopy(student.state_dict()))
+    best_acc, best_state = best
+    acc = best_acc
+    records: list[dict] = []
+    for epoch in range(start_epoch, epochs):
+        stats = distill(
+            student,
+            teacher,
+            data,
+            steps,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            learning_rate=_cosine(learning_rate, min_learning_rate, epoch / epochs),
+            min_learning_rate=_cosine(learning_rate, min_learning_rate, (epoch + 1) / epochs),
+            batch_size=batch_size,
+            device=device,
+            seed=kd_seed(seed, stage, epoch),
+            distributed=distributed,
+        )
+        acc = evaluate(student)
+        records.append(
+            {"epoch": epoch, "val_accuracy": acc, "loss": stats.mean_loss, "diverged": stats.diverged,
+             "seconds": stats.seconds}
+        )
+        if acc > best_acc:
+            best_acc, best_state = acc, copy.deepcopy(student.state_dict())
+        if on_epoch is not None:
+            on_epoch(epoch, best_acc, best_state, records)
+    if not keep_best:
+        return acc, records
+    student.load_state_dict(best_state)
+    return best_acc, records

@@ -28,7 +28,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["count_macs_params", "evaluate_accuracy", "measure_latency", "synchronize"]
+__all__ = [
+    "count_macs_params",
+    "evaluate_accuracy",
+    "latency_side_by_side",
+    "measure_latency",
+    "measure_model",
+    "synchronize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +279,51 @@ def measure_latency(
         "images_per_second": batch_size / median if median > 0 else float("inf"),
         "batch_size": batch_size,
     }
+
+
+def measure_model(model: nn.Module, data: Any, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``val_accuracy``, ``test_accuracy``, ``macs`` and ``params`` of ``model`` on a ``DatasetSplits``.
+
+    The test split is read here and nowhere in the search: call this once, at the end of a run.
+    """
+    model = model.to(device).eval()
+    macs, params = count_macs_params(model, (1, data.in_chans, data.image_size, data.image_size))
+    return {
+        "val_accuracy": evaluate_accuracy(model, data.val_x, data.val_y, data.normalize, device=device),
+        "test_accuracy": evaluate_accuracy(model, data.test_x, data.test_y, data.normalize, device=device),
+        "macs": macs,
+        "params": params,
+    }
+
+
+def latency_side_by_side(
+    models: dict[str, nn.Module],
+    input_size: Sequence[int],
+    device: str | torch.device = "cpu",
+    repeats: int = 20,
+    threads: int | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Median latency at batch 1 and 64 of several models, interleaved so they share the machine's state.
+
+    Three interleaved rounds of :func:`measure_latency` per model and batch size; the median of the medians
+    is reported as ``latency_ms_b1`` / ``latency_ms_b64`` (None with ``repeats=0``). ``threads`` sets torch's
+    CPU threads while timing (restored afterwards).
+    """
+    out: dict[str, dict[str, float | None]] = {name: {"latency_ms_b1": None, "latency_ms_b64": None} for name in models}
+    if repeats <= 0:
+        return out
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        for batch, key, reps in ((1, "latency_ms_b1", repeats), (64, "latency_ms_b64", max(3, repeats // 4))):
+            samples: dict[str, list[float]] = {name: [] for name in models}
+            for _ in range(3):
+                for name, model in models.items():
+                    ms = measure_latency(model, input_size, batch_size=batch, repeats=reps, device=device)
+                    samples[name].append(ms["median_ms"])
+            for name in models:
+                out[name][key] = float(statistics.median(samples[name]))
+    finally:
+        torch.set_num_threads(saved_threads)
+    return out

@@ -38,7 +38,7 @@ from keepgym.models import create_model, save_model
 from keepgym.models.vit import ViT, select_random_k, select_topk, vit_cifar
 from keepgym.models.vit_adapter import adapt_vit
 
-__all__ = ["PatchSelectEnv", "benchmark_vit"]
+__all__ = ["ACTION_MODES", "DEFAULT_KEEP_RATIOS", "PATCH_FEATURES", "STATES", "PatchSelectEnv", "benchmark_vit"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,10 @@ class PatchSelectEnv(gym.Env):
     ``reset(seed=s)`` starts a new training run: a fresh ViT initialised from ``s``, a new optimiser,
     epoch 0, the data order reseeded. ``reset()`` without a seed moves on to the next epoch of the
     current run and keeps the ViT (what SB3 does between episodes after its first, seeded reset).
-    The first reset always starts a run.
+    The first reset always starts a run. ``reset(options={"state_dict": state})`` instead continues the
+    run saved by :meth:`state_dict` (taken between two steps of an epoch) where it stopped: the
+    resume path of :class:`keepgym.agents.callbacks.EpochCheckpointCallback`, through SB3's
+    ``VecEnv.set_options``.
 
     Warm-up happens outside the agent's MDP: a reset that starts a run first trains the ViT for
     ``warmup_epochs`` epochs on all patches, then returns the first state of epoch ``warmup_epochs``.
@@ -232,9 +235,11 @@ class PatchSelectEnv(gym.Env):
 
     ## Version History
 
-    * v0: initial version; warm-up moved into ``reset``, the ``patches`` mode, ``model=``,
-      ``state_dict``, pickling and timings off by default added without changing the ratio/mask MDP
-      after warm-up.
+    * v1: warm-up moved into ``reset`` (out of the agent's MDP), at least one patch per image always
+      kept, timings out of ``info`` by default; the ``patches`` mode, ``model=``, ``state_dict`` and
+      pickling added (they leave the ratio/mask MDP after warm-up unchanged).
+    * v0: initial version (warm-up epochs were steps of the agent's episode, rewarded 0). The ``-v0``
+      ids now give the v1 behaviour, kept for existing scripts (``keepgym.envs`` says why).
     """
 
     metadata: dict[str, Any] = {"render_modes": ["rgb_array"]}
@@ -439,6 +444,11 @@ class PatchSelectEnv(gym.Env):
         return len(self._loader)
 
     @property
+    def epoch_step(self) -> int:
+        """Steps taken in the current epoch (0 right after a reset)."""
+        return self._step
+
+    @property
     def divergence_events(self) -> list[dict[str, Any]]:
         """NaN/inf training losses the guard handled in this run (``epoch``, ``step``, ``action``)."""
         return list(self._divergence_events)
@@ -453,6 +463,10 @@ class PatchSelectEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
+        if options and options.get("state_dict") is not None:
+            # Resume a saved run (``learn``'s first reset on a resumed agent): no new run, no new epoch.
+            self.load_state_dict(options["state_dict"])
+            return self.observe(), {"epoch": self._epoch}
         if seed is not None or not self._run_started:
             self._new_run()
             self._warmup()
@@ -687,8 +701,24 @@ class PatchSelectEnv(gym.Env):
         return np.repeat(grey[..., None], 3, axis=2)
 
     def save(self, path: str, **extra: Any) -> None:
-        """Save the ViT with ``keepgym.models.save_model`` (state_dict + the spec to rebuild it)."""
-        save_model(self._vit, path, **extra)
+        """Save the ViT with ``keepgym.models.save_model`` (state_dict + the spec to rebuild it).
+
+        With ``model=`` a torchvision/timm ``VisionTransformer``, the wrapped model itself is saved (the
+        adapter holds no weights of its own); it must have been built by ``keepgym.models.create_model``
+        so the file says how to rebuild it.
+
+        Raises:
+            ValueError: A given model that ``save_model`` cannot describe (one line: what to do instead).
+        """
+        inner = getattr(self._vit, "model", None) if self._model_in is not None else None
+        target = inner if isinstance(inner, torch.nn.Module) else self._vit
+        if getattr(target, "keepgym_spec", None) is None:
+            raise ValueError(
+                f"cannot save the given {type(target).__name__}: build it with keepgym.models.create_model("
+                "'torchvision:vit_b_16' | 'timm:NAME', ...) to save it here, or save its weights with "
+                "torch.save(env.vit.model.state_dict(), path)"
+            )
+        save_model(target, path, **extra)
 
     # ------------------------------------------------------------------ helpers
     def _build_vit(self, seed: int) -> Any:

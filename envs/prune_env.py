@@ -34,19 +34,21 @@ import torch.nn as nn
 from gymnasium import spaces
 
 from keepgym.envs.data import DATASETS, DatasetNotFoundError, DatasetSplits, load_dataset
-from keepgym.envs.distill import distill
+from keepgym.envs.evaluators import Evaluator, ScoringInputs, SerialEvaluator
 from keepgym.envs.metrics import synchronize
 from keepgym.envs.pruning import CRITERIA, GroupPruner, count_macs_params
+from keepgym.envs.recovery import KDRecovery, Recovery, RecoveryResult
 from keepgym.envs.splits import SplitMismatchError, check_split, read_split, split_record
 
 __all__ = [
+    "ACTION_PARAMS",
     "CANDIDATE_SCORINGS",
     "PruneEnv",
     "WallTimes",
+    "accuracy",
     "adaptive_bn",
     "default_checkpoint_path",
     "profile_evaluate",
-    "register_evaluate_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ _OFFLINE_DATASETS = ("digits", "synthetic")
 #: How :meth:`PruneEnv.evaluate` scores a masked candidate: ``vanilla`` (accuracy right after masking) or
 #: ``adaptive_bn`` (BatchNorm statistics re-estimated on training images first; EagleEye, ECCV 2020).
 CANDIDATE_SCORINGS = ("vanilla", "adaptive_bn")
+#: How an action maps to the stage's split over the groups (the ``action_param`` argument).
+ACTION_PARAMS = ("weights", "log_prior")
+#: ``log_prior``: an action entry of +-1 multiplies its group's share of the stage by ``4**(+-1)``.
+LOG_PRIOR_SCALE = math.log(4.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -141,7 +147,7 @@ def _train_baseline(
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on normalised ``x``."""
     model.eval()
     correct = 0
@@ -196,6 +202,51 @@ def adaptive_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> Ite
 
 
 
+def _validate_args(
+    *,
+    dataset: str,
+    target_sparsity: float,
+    stage_sparsity: float,
+    criterion: str,
+    alpha: float,
+    beta: float,
+    eval_size: int | None,
+    calibration_size: int,
+    min_channels: int,
+    round_to: int,
+    batch_size: int,
+    render_mode: str | None,
+    width_mult: float,
+    data: DatasetSplits | None,
+    baseline_epochs: int,
+) -> None:
+    """Refuse bad :class:`PruneEnv` arguments with one-line ``ValueError``s (the recovery checks its own)."""
+    checks = [
+        (data is not None or dataset in DATASETS, f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}"),
+        (0.0 < target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {target_sparsity}"),
+        (
+            0.0 < stage_sparsity <= target_sparsity,
+            f"stage_sparsity must be in (0, target_sparsity={target_sparsity}], got {stage_sparsity}",
+        ),
+        (criterion in CRITERIA, f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}"),
+        (math.isfinite(alpha) and math.isfinite(beta), "alpha and beta must be finite"),
+        (eval_size is None or eval_size >= 1, f"eval_size must be >= 1 or None, got {eval_size}"),
+        (calibration_size >= 1, f"calibration_size must be >= 1, got {calibration_size}"),
+        (min_channels >= 1, f"min_channels must be >= 1, got {min_channels}"),
+        (round_to >= 1, f"round_to must be >= 1, got {round_to}"),
+        (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+        (
+            render_mode is None or render_mode in ("ansi", "rgb_array"),
+            f"render_mode must be None, 'ansi' or 'rgb_array', got {render_mode!r}",
+        ),
+        (width_mult > 0, f"width_mult must be > 0, got {width_mult}"),
+        (baseline_epochs >= 1, f"baseline_epochs must be >= 1, got {baseline_epochs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(eq=False)
 class WallTimes:
     """Wall-clock seconds spent in the parts of a step / evaluation.
@@ -218,31 +269,6 @@ class WallTimes:
     def as_dict(self) -> dict[str, float]:
         """Plain ``{name: seconds}`` for logging."""
         return {f.name: float(getattr(self, f.name)) for f in fields(self)}
-
-
-def _serial_backend(
-    env: PruneEnv, actions: list[np.ndarray], workers: int | None
-) -> list[tuple[float, dict]]:
-    return [env.evaluate(a) for a in actions]
-
-
-# name -> fn(env, validated actions, workers) -> [(reward, info)]; "ray" is registered by its module.
-_EVALUATE_BACKENDS: dict[
-    str, Callable[[PruneEnv, list[np.ndarray], int | None], list[tuple[float, dict]]]
-] = {
-    "serial": _serial_backend,
-}
-
-
-def register_evaluate_backend(
-    name: str, fn: Callable[[PruneEnv, list[np.ndarray], int | None], list[tuple[float, dict]]]
-) -> None:
-    """Make ``PruneEnv.evaluate_many(actions, backend=name)`` dispatch to ``fn(env, actions, workers)``.
-
-    ``fn`` receives already validated float64 actions and must return one ``(reward, info)`` per
-    action, in order, leaving ``env`` unchanged (e.g. a Ray ``ActorPool`` of env copies).
-    """
-    _EVALUATE_BACKENDS[name] = fn
 
 
 # --------------------------------------------------------------------------- the env
@@ -268,8 +294,10 @@ class PruneEnv(gym.Env):
     every parameter slice the channel owns (producers' filters, biases, batch-norm affine parameters
     and consumers' input slices), from ``calibration_size`` training images with the model in eval
     mode (batch-norm statistics untouched), computed once per stage. ``l1``, ``l2`` and ``random``
-    are the alternatives. After the surgery, ``finetune_steps`` knowledge-distillation steps
-    (:func:`keepgym.envs.distill.distill`, teacher = the original model) can recover accuracy.
+    are the alternatives. After the surgery the ``recovery`` object recovers accuracy (RL-Pruner: knowledge
+    distillation, :class:`keepgym.envs.recovery.KDRecovery`: steps or epochs, best validation epoch, teacher
+    swap, DDP); ``finetune_steps=N`` is the shortcut for ``N`` KD steps from the original model. The next
+    stage's importance is computed once, from the recovered weights.
 
     ``evaluate(action)`` scores a candidate stage without committing it: it zeroes in place the
     parameters the allocation would remove, evaluates, and restores them bit for bit, so candidates
@@ -286,6 +314,11 @@ class PruneEnv(gym.Env):
     or an all-negative action raise ``ValueError`` and leave the env as it was. With ``round_to > 1``
     group widths stay multiples of ``round_to`` and the stage total is ``M`` rounded to whole multiples.
 
+    With ``action_param="log_prior"`` (the ``-v1`` ids) the action space is ``Box(-1, 1, (G,))`` and the
+    weights are ``width_g * 4**a_g`` (:meth:`split_weights`): the zero action is the width-proportional
+    split (every group loses the same fraction of its channels) and each entry scales its group's share
+    by 1/4 to 4, so a Gaussian policy starting at zero (PPO, SAC, A2C) explores around a sensible allocation.
+
     ## Observation Space
 
     ``Box(0, 1, (G + 4,), float32)``: the sparsity ``1 - width/initial width`` of each group, then
@@ -295,13 +328,15 @@ class PruneEnv(gym.Env):
     ## Rewards
 
     ``accuracy + alpha * (1 - F/F0) + beta * (1 - P/P0)``, accuracy in [0, 1] on the validation
-    split held out from the training data (never the test split), measured after fine-tuning when
-    ``finetune_steps > 0``. ``alpha = beta = 0`` by default (RL-Pruner's accuracy-only reward).
+    split held out from the training data (never the test split), measured **after recovery** (for every
+    caller: Python, ``keepgym prune``, RL-Pruner's look-ahead). ``alpha = beta = 0`` by default
+    (RL-Pruner's accuracy-only reward).
 
     ``info`` (reset, step, evaluate): ``accuracy``, ``macs``, ``params``, ``macs_ratio``,
     ``params_ratio`` (against the original model), ``sparsity``, ``layer_sparsity``, ``stage``,
     ``widths`` (per group) and ``wall_times`` (:class:`WallTimes`); step and evaluate add ``removed``
-    (channels per group this stage) and ``accuracy_before_finetune``; step adds the closed-form
+    (channels per group this stage) and ``accuracy_before_recovery`` (alias ``accuracy_before_finetune``;
+    for a candidate, the same as ``accuracy``); step adds the closed-form
     ``closed_form_macs`` / ``closed_form_params`` it predicted (equal to the counter's figures), and
     ``finetune_steps_done``, ``finetune_learning_rate`` and ``finetune_diverged``: a NaN/inf KD loss
     stops that stage's fine-tuning, restores the last good weights (:func:`keepgym.envs.distill.distill`) and
@@ -358,11 +393,17 @@ class PruneEnv(gym.Env):
       restore them: :func:`adaptive_bn`; EagleEye, ECCV 2020). A public attribute; it may be changed
       between calls. ``vanilla`` draws the same random numbers as before the option existed.
     * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
-    * ``finetune_steps``: KD steps after each stage (0); ``finetune_lr``, ``kd_temperature``,
-      ``kd_weight``: its settings.
+    * ``action_param``: ``weights`` (v0, the default) or ``log_prior`` (v1); see *Action Space*.
+    * ``recovery``: a :class:`keepgym.envs.recovery.Recovery` run after every stage's surgery, e.g.
+      ``KDRecovery(epochs=1, teacher_swap=True)``; its :attr:`~keepgym.envs.recovery.Recovery.stage_records`
+      keep a per-stage history. ``finetune_steps`` (0), ``finetune_lr``, ``kd_temperature``, ``kd_weight``: the
+      shortcut that builds ``KDRecovery(steps=finetune_steps, ...)`` (give one or the other).
     * ``min_channels`` (1), ``round_to`` (1): width floor and multiple per group.
     * ``batch_size``: evaluation and fine-tuning batch size. ``device``: ``cpu`` / ``cuda`` / ``auto``.
     * ``model``, ``data``: inject a model / :class:`keepgym.envs.data.DatasetSplits` instead (tests).
+    * ``evaluator``: what scores the candidates of :meth:`evaluate_many`: a
+      :class:`keepgym.envs.evaluators.Evaluator` (None: ``SerialEvaluator()``; ``make_evaluator("ray", workers=N)``
+      for a Ray ``ActorPool``). The public attribute ``evaluator`` may be swapped; :meth:`close` closes it.
     * ``render_mode``: ``None``, ``"ansi"`` (a text summary of the stage) or ``"rgb_array"`` (a bar
       chart of the per-group sparsity; SB3's ``make_vec_env`` asks for it by default).
 
@@ -371,6 +412,10 @@ class PruneEnv(gym.Env):
     * v0: initial version. ``target_macs``/``target_params`` and ``candidate_scoring`` were added later
       without a version bump: they are off (``vanilla``) by default, and the observation and reward keep
       their meaning.
+    * v1: ``action_param="log_prior"`` (log-factors around the width-proportional split); otherwise v0.
+    * ``recovery=`` (both versions, no bump): ``finetune_steps`` now builds a ``KDRecovery``; with it the
+      observation, reward and ``info`` mean what they meant (accuracy after recovery). ``keepgym prune``'s
+      env now reports the post-distillation accuracy too (it used to report the one before).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"]}
@@ -410,8 +455,13 @@ class PruneEnv(gym.Env):
         image_size: int | None = None,
         candidate_scoring: str = "vanilla",
         bn_calibration_size: int = 512,
+        action_param: str = "weights",
+        evaluator: Evaluator | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         super().__init__()
+        #: scores the candidates of :meth:`evaluate_many` (:mod:`keepgym.envs.evaluators`); may be swapped
+        self.evaluator: Evaluator = SerialEvaluator() if evaluator is None else evaluator
         if candidate_scoring not in CANDIDATE_SCORINGS:
             raise ValueError(
                 f"unknown candidate_scoring {candidate_scoring!r}; valid: {', '.join(CANDIDATE_SCORINGS)}"
@@ -421,6 +471,10 @@ class PruneEnv(gym.Env):
         #: ``vanilla`` or ``adaptive_bn`` (see the class docstring); may be changed between calls
         self.candidate_scoring = candidate_scoring
         self.bn_calibration_size = int(bn_calibration_size)
+        if action_param not in ACTION_PARAMS:
+            raise ValueError(f"unknown action_param {action_param!r}; valid: {', '.join(ACTION_PARAMS)}")
+        #: ``weights`` (the action is the split) or ``log_prior`` (log-factors around the width-proportional split)
+        self.action_param = action_param
         if target_macs is not None and target_params is not None:
             raise ValueError("give target_macs or target_params, not both")
         #: ``"macs"``, ``"params"`` (a compute target) or None (a channel-sparsity target)
@@ -440,43 +494,49 @@ class PruneEnv(gym.Env):
                 )
             self.target_ratio = ratio
             target_sparsity = max(float(target_sparsity), float(stage_sparsity))  # unused; keeps the checks valid
-        self._validate_args(
-            dataset,
-            target_sparsity,
-            stage_sparsity,
-            criterion,
-            alpha,
-            beta,
-            finetune_steps,
-            eval_size,
-            calibration_size,
-            min_channels,
-            round_to,
-            batch_size,
-            render_mode,
-            width_mult,
-            data,
-            baseline_epochs,
-            finetune_lr,
-            kd_temperature,
-            kd_weight,
+        _validate_args(
+            dataset=dataset,
+            target_sparsity=target_sparsity,
+            stage_sparsity=stage_sparsity,
+            criterion=criterion,
+            alpha=alpha,
+            beta=beta,
+            eval_size=eval_size,
+            calibration_size=calibration_size,
+            min_channels=min_channels,
+            round_to=round_to,
+            batch_size=batch_size,
+            render_mode=render_mode,
+            width_mult=width_mult,
+            data=data,
+            baseline_epochs=baseline_epochs,
         )
+        if recovery is not None and finetune_steps:
+            raise ValueError("give recovery=... or finetune_steps, not both (finetune_steps builds a KDRecovery)")
+        if recovery is None:  # the shortcut: KD steps from the original model after every stage
+            recovery = KDRecovery(
+                steps=finetune_steps,
+                learning_rate=finetune_lr,
+                temperature=kd_temperature,
+                kd_weight=kd_weight,
+                teacher_swap=False,
+            )
+        elif not isinstance(recovery, Recovery):
+            raise ValueError(f"recovery must be a keepgym.envs.recovery.Recovery, got {type(recovery).__name__}")
+        #: the recovery strategy run after every stage's surgery (:mod:`keepgym.envs.recovery`)
+        self.recovery = recovery
         self.model_name = model_name
         self.dataset = dataset
         self.target_sparsity = float(target_sparsity)
         self.stage_sparsity = float(stage_sparsity)
         self.criterion = criterion
         self.alpha, self.beta = float(alpha), float(beta)
-        self.finetune_steps = int(finetune_steps)
         self.eval_size = eval_size
         self.calibration_size = int(calibration_size)
         self.min_channels = int(min_channels)
         self.round_to = int(round_to)
         self.batch_size = int(batch_size)
         self.render_mode = render_mode
-        self.finetune_lr = float(finetune_lr)
-        self.kd_temperature = float(kd_temperature)
-        self.kd_weight = float(kd_weight)
         if str(device) == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -564,7 +624,8 @@ class PruneEnv(gym.Env):
 
         g = self.num_groups
         self.observation_space = spaces.Box(0.0, 1.0, (g + 4,), dtype=np.float32)
-        self.action_space = spaces.Box(0.0, 1.0, (g,), dtype=np.float32)
+        low = -1.0 if self.action_param == "log_prior" else 0.0
+        self.action_space = spaces.Box(low, 1.0, (g,), dtype=np.float32)
 
         self._started = False
         self._reset_state()
@@ -619,63 +680,6 @@ class PruneEnv(gym.Env):
         value = self.macs if self.compute_target == "macs" else self.params
         return value <= math.floor(self.target_ratio * self._metric0 + 1e-6)
 
-    @staticmethod
-    def _validate_args(
-        dataset,
-        target_sparsity,
-        stage_sparsity,
-        criterion,
-        alpha,
-        beta,
-        finetune_steps,
-        eval_size,
-        calibration_size,
-        min_channels,
-        round_to,
-        batch_size,
-        render_mode,
-        width_mult,
-        data,
-        baseline_epochs,
-        finetune_lr,
-        kd_temperature,
-        kd_weight,
-    ) -> None:
-        checks = [
-            (
-                data is not None or dataset in DATASETS,
-                f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}",
-            ),
-            (0.0 < target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {target_sparsity}"),
-            (
-                0.0 < stage_sparsity <= target_sparsity,
-                f"stage_sparsity must be in (0, target_sparsity={target_sparsity}], got {stage_sparsity}",
-            ),
-            (criterion in CRITERIA, f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}"),
-            (math.isfinite(alpha) and math.isfinite(beta), "alpha and beta must be finite"),
-            (
-                int(finetune_steps) == finetune_steps and finetune_steps >= 0,
-                f"finetune_steps must be an int >= 0, got {finetune_steps}",
-            ),
-            (eval_size is None or eval_size >= 1, f"eval_size must be >= 1 or None, got {eval_size}"),
-            (calibration_size >= 1, f"calibration_size must be >= 1, got {calibration_size}"),
-            (min_channels >= 1, f"min_channels must be >= 1, got {min_channels}"),
-            (round_to >= 1, f"round_to must be >= 1, got {round_to}"),
-            (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
-            (
-                render_mode is None or render_mode in PruneEnv.metadata["render_modes"],
-                f"render_mode must be None, 'ansi' or 'rgb_array', got {render_mode!r}",
-            ),
-            (width_mult > 0, f"width_mult must be > 0, got {width_mult}"),
-            (baseline_epochs >= 1, f"baseline_epochs must be >= 1, got {baseline_epochs}"),
-            (finetune_lr > 0, f"finetune_lr must be > 0, got {finetune_lr}"),
-            (kd_temperature > 0, f"kd_temperature must be > 0, got {kd_temperature}"),
-            (0.0 <= kd_weight <= 1.0, f"kd_weight must be in [0, 1], got {kd_weight}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
     def _build_model(
         self, model, model_name, checkpoint, pretrained, width_mult, baseline_epochs
     ) -> nn.Module:
@@ -709,8 +713,9 @@ class PruneEnv(gym.Env):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = models.create_model(model_name, data.num_classes, width_mult, data.in_chans)
-        logger.info(
-            "training a %s baseline on %s for %d epochs (cached at %s)",
+        # a warning, not info: building an env then trains for a while and writes under $KEEPGYM_CACHE
+        logger.warning(
+            "no cached %s baseline for %s: training one for %d epochs and caching it at %s",
             model_name,
             self.dataset,
             baseline_epochs,
@@ -750,7 +755,6 @@ class PruneEnv(gym.Env):
         self._terminated = False
         self.macs, self.params = self.macs0, self.params0
         self.last_accuracy = 0.0
-        self._finetune_lr_scale = 1.0  # 0.1 once KD diverged in this episode
 
     @property
     def group_widths(self) -> np.ndarray:
@@ -821,9 +825,25 @@ class PruneEnv(gym.Env):
             raise ValueError(f"action must have shape ({self.num_groups},), got {a.shape}")
         if not np.all(np.isfinite(a)):
             raise ValueError("action contains NaN or inf")
+        if self.action_param == "log_prior":
+            return a
         if np.all(a < 0):
             raise ValueError("action is all negative; weights must be >= 0 (all zeros means uniform)")
         return a
+
+    def split_weights(self, action: Any) -> np.ndarray:
+        """The non-negative group weights ``action`` stands for (before normalisation); checks the action.
+
+        ``weights``: the action itself, negatives clipped to 0. ``log_prior``: the current group widths
+        (the width-proportional split, under which every group loses the same fraction this stage) times
+        ``exp(LOG_PRIOR_SCALE * clip(action, -1, 1))``, so the zero action is that split and each entry
+        scales its group's share by between 1/4 and 4; a Gaussian policy centred on zero, as PPO, SAC and
+        A2C start, explores around a sensible allocation.
+        """
+        a = self._check_action(action)
+        if self.action_param == "log_prior":
+            return self.group_widths.astype(np.float64) * np.exp(LOG_PRIOR_SCALE * np.clip(a, -1.0, 1.0))
+        return np.clip(a, 0.0, None)
 
     def allocate(self, action: Any) -> np.ndarray:
         """Channels each group gives this stage for ``action`` (``int64`` array of shape ``(G,)``).
@@ -836,7 +856,7 @@ class PruneEnv(gym.Env):
         Raises:
             ValueError: NaN/inf, wrong shape, non-real dtype, all-negative action.
         """
-        a = np.clip(self._check_action(action), 0.0, None)
+        a = self.split_weights(action)
         if a.max() > 0:
             a = a / a.max()  # scale first: the sum of huge weights (1e308) would overflow to inf
         p = a / a.sum() if a.sum() > 0 else np.full(self.num_groups, 1.0 / self.num_groups)
@@ -921,12 +941,12 @@ class PruneEnv(gym.Env):
             self._bn_cache = (self._stage_seed, self.data.normalize(self.data.train_x[idx].to(self.device)))
         return self._bn_cache[1]
 
-    def _score(self, counts: np.ndarray) -> float:
-        """Validation accuracy of the masked candidate ``counts`` under :attr:`candidate_scoring`."""
+    def _score(self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """Accuracy of the masked candidate ``counts`` under :attr:`candidate_scoring` on ``val`` (default: all)."""
         bn_x = self.bn_calibration_batch()
         with self._pruner.masked(counts):
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
-                acc = _accuracy(self.model, *self._val, self.batch_size)
+                acc = accuracy(self.model, *(self._val if val is None else val), self.batch_size)
             synchronize(self.device)
         return acc
 
@@ -946,7 +966,10 @@ class PruneEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
-        """Restore the original model (from the kept state dict) and start a new compression run."""
+        """Restore the original model (from the kept state dict) and start a new compression run.
+
+        The recovery is reset too (its teacher is the original model again).
+        """
         super().reset(seed=seed)
         t0 = time.perf_counter()
         if not self._pristine:
@@ -954,6 +977,7 @@ class PruneEnv(gym.Env):
             self._pruner = self._make_pruner(self.model)
             self._pristine = True
         self._reset_state()
+        self.recovery.reset(self)
         rng = self.np_random
         n_val = len(self.data.val_y)
         if self.eval_size is not None and self.eval_size < n_val:
@@ -967,7 +991,7 @@ class PruneEnv(gym.Env):
             self.data.val_y[vidx].to(self.device),
         )
         t1 = time.perf_counter()
-        self.last_accuracy = _accuracy(self.model, *self._val, self.batch_size)
+        self.last_accuracy = accuracy(self.model, *self._val, self.batch_size)
         eval_s = time.perf_counter() - t1
         importance_s = self._prepare_stage()
         self._started = True
@@ -975,10 +999,22 @@ class PruneEnv(gym.Env):
         return self._obs(), self._info(self.last_accuracy, self.macs, self.params, self.group_widths, times)
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """Prune one stage for real: allocate, remove channels, optionally fine-tune, score."""
+        """Prune one stage for real: allocate, remove channels, recover, score, rank the next stage.
+
+        The order is: allocate ``action`` over the groups, surgery, validation accuracy *before* recovery,
+        ``recovery.recover`` (e.g. KD; :mod:`keepgym.envs.recovery`), validation accuracy *after* recovery,
+        then one importance pass for the next stage from the recovered weights.
+
+        Returns:
+            ``(obs, reward, terminated, truncated, info)``; the observation's last entry, the reward and
+            ``info["accuracy"]`` hold the accuracy **after** recovery, ``info["accuracy_before_recovery"]``
+            (alias ``accuracy_before_finetune``) the one right after the surgery, which is what
+            :meth:`evaluate` scores candidates by.
+        """
         self._require_started()
         if self._terminated:
             raise RuntimeError("the episode is over (target sparsity reached); call reset()")
+        action = self.recovery.prepare_action(action)
         counts = self.allocate(action)  # validates before anything changes
         t0 = time.perf_counter()
         predicted = self._cost(self.group_widths - counts)
@@ -986,47 +1022,17 @@ class PruneEnv(gym.Env):
         self._pristine = False
         synchronize(self.device)
         surgery_s = time.perf_counter() - t0
-        finetune_s, acc_before = 0.0, None
-        finetune: dict[str, Any] = {
-            "finetune_steps_done": 0,
-            "finetune_learning_rate": 0.0,
-            "finetune_diverged": False,
-        }
-        if self.finetune_steps > 0:
-            t1 = time.perf_counter()
-            acc_before = _accuracy(self.model, *self._val, self.batch_size)
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            finetune_lr = self.finetune_lr * self._finetune_lr_scale
-            stats = distill(
-                self.model,
-                self.teacher,
-                self.data,
-                self.finetune_steps,
-                temperature=self.kd_temperature,
-                kd_weight=self.kd_weight,
-                learning_rate=finetune_lr,
-                batch_size=self.batch_size,
-                device=self.device,
-                seed=int(self.np_random.integers(2**62)),
-            )
-            finetune.update(finetune_steps_done=stats.steps, finetune_learning_rate=finetune_lr)
-            if stats.diverged:
-                # distill restored the last good weights; the later stages of this episode fine-tune
-                # at a 10x lower learning rate (lowered once).
-                finetune["finetune_diverged"] = True
-                self._finetune_lr_scale = 0.1
-                logger.warning(
-                    "stage %d: KD diverged after %d steps; weights of step %s restored; KD lr now %g",
-                    self.stage + 1,
-                    stats.steps,
-                    stats.restored_step,
-                    self.finetune_lr * self._finetune_lr_scale,
-                )
-            finetune_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        acc = _accuracy(self.model, *self._val, self.batch_size)
-        eval_s = time.perf_counter() - t2
+        t1 = time.perf_counter()
+        acc_before = accuracy(self.model, *self._val, self.batch_size)
+        eval_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        result: RecoveryResult = self.recovery.recover(self, self.stage)
+        finetune_s = time.perf_counter() - t1
+        acc = acc_before
+        if result.changed:
+            t2 = time.perf_counter()
+            acc = accuracy(self.model, *self._val, self.batch_size)
+            eval_s += time.perf_counter() - t2
         self.macs, self.params = count_macs_params(self.model, self.input_size)
         if (self.macs, self.params) != predicted:
             logger.warning(
@@ -1048,9 +1054,11 @@ class PruneEnv(gym.Env):
             removed=counts.tolist(),
             closed_form_macs=predicted[0],
             closed_form_params=predicted[1],
-            accuracy_before_finetune=acc if acc_before is None else acc_before,
-            **finetune,
+            accuracy_before_recovery=acc_before,
+            accuracy_before_finetune=acc_before,
+            **result.info,
         )
+        self.recovery.record_stage(info, reward, self._terminated, result)
         return self._obs(), reward, self._terminated, False, info
 
     def evaluate(self, action: Any) -> tuple[float, dict]:
@@ -1066,45 +1074,124 @@ class PruneEnv(gym.Env):
         Returns:
             ``(reward, info)`` with the same keys as :meth:`step`'s info.
         """
+        self._require_open_stage()
+        return self.evaluate_allocation(self.allocate(action))
+
+    def evaluate_allocation(self, counts: np.ndarray, images: slice | None = None) -> tuple[float, dict]:
+        """:meth:`evaluate` of an already allocated candidate: ``counts[g]`` channels leave group ``g``.
+
+        ``counts`` is what :meth:`allocate` returns; evaluators (:mod:`keepgym.envs.evaluators`) score with it.
+        ``images`` (racing): score only on the validation images at these positions of
+        :meth:`scoring_order`, a fixed shuffle of the stage's scoring images, so disjoint slices add up:
+        ``info["correct"]`` and ``info["scored_images"]`` of the slices sum to those of the whole set, and
+        ``info["accuracy"]`` (and the reward) are the slice's. None: every scoring image.
+        """
+        self._require_open_stage()
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (self.num_groups,) or (counts < 0).any() or (counts > self.group_widths).any():
+            raise ValueError(f"counts must be {self.num_groups} ints in [0, group width], got {counts.tolist()}")
+        t0 = time.perf_counter()
+        val = self._val
+        if images is not None:
+            if not isinstance(images, slice) or images.step not in (None, 1):
+                raise ValueError(f"images must be a slice with step 1 or None, got {images!r}")
+            idx = torch.as_tensor(self.scoring_order()[images], dtype=torch.long, device=val[1].device)
+            if len(idx) == 0:
+                raise ValueError(f"images {images} selects none of the {len(val[1])} scoring images")
+            val = (val[0][idx], val[1][idx])
+        acc = self._score(counts, val)
+        eval_s = time.perf_counter() - t0
+        times = WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0)
+        return self.candidate_result(counts, acc, times, scored_images=len(val[1]))
+
+    @property
+    def num_scoring_images(self) -> int:
+        """How many validation images a candidate is scored on (``eval_size`` or the whole split)."""
+        self._require_started()
+        return len(self._val[1])
+
+    def scoring_order(self) -> np.ndarray:
+        """A fixed shuffle of the positions of the scoring images, for :meth:`evaluate_allocation`'s ``images``.
+
+        Drawn from the stage's seed with a generator of its own (the env's ``np_random`` is untouched),
+        so it is the same for every candidate of a stage and reproducible; slices of it are uniform
+        random subsets of the scoring images (their classes mixed, whatever the split's order).
+        """
+        self._require_started()
+        n = len(self._val[1])
+        key = (self._stage_seed, n)
+        if getattr(self, "_order_key", None) != key:
+            self._order = np.random.default_rng([self._stage_seed, 0x5C0E]).permutation(n)
+            self._order_key = key
+        return self._order
+
+    def scoring_inputs(self) -> ScoringInputs:
+        """The current stage's model, validation tensors, ranking and settings (read-only), for evaluators.
+
+        An evaluator that scores elsewhere (another process, a Ray actor) masks ``counts`` on a copy of
+        ``model`` with the coupling groups rebuilt from ``input_size`` and ranked by ``ranking``, and scores
+        it with :func:`accuracy` on ``val_x``/``val_y`` (inside :func:`adaptive_bn` on ``bn_x`` when that is
+        not None), which is what :meth:`evaluate_allocation` does; then :meth:`candidate_result` gives the
+        ``(reward, info)``.
+        """
+        self._require_started()
+        calib_x, calib_y = self._calib
+        return ScoringInputs(
+            model=self.model,
+            val_x=self._val[0],
+            val_y=self._val[1],
+            ranking=self._scores,
+            bn_x=self.bn_calibration_batch(),
+            calib_x=calib_x,
+            calib_y=calib_y,
+            input_size=tuple(self.input_size),
+            batch_size=self.batch_size,
+            criterion=self.criterion,
+        )
+
+    def _require_open_stage(self) -> None:
         self._require_started()
         if self._terminated:
             raise RuntimeError("the episode is over (target sparsity reached); call reset()")
-        counts = self.allocate(action)
-        t0 = time.perf_counter()
-        acc = self._score(counts)
-        eval_s = time.perf_counter() - t0
-        return self.candidate_result(counts, acc, WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0))
 
-    def candidate_result(self, counts: np.ndarray, accuracy: float, times: WallTimes) -> tuple[float, dict]:
+    def candidate_result(
+        self, counts: np.ndarray, accuracy: float, times: WallTimes, scored_images: int | None = None
+    ) -> tuple[float, dict]:
         """``(reward, info)`` of a candidate allocation ``counts`` whose validation accuracy was measured.
 
-        Shared by :meth:`evaluate` and the parallel backends, which measure the accuracy elsewhere:
-        MACs and params come from the stage's closed-form cost model.
+        Shared by :meth:`evaluate` and the parallel evaluators, which measure the accuracy elsewhere:
+        MACs and params come from the stage's closed-form cost model. ``scored_images``: how many images
+        ``accuracy`` was measured on (default: all :attr:`num_scoring_images`); ``info["correct"]`` and
+        ``info["scored_images"]`` report them.
         """
+        n = self.num_scoring_images if scored_images is None else int(scored_images)
         widths = self.group_widths - counts
         macs, params = self._cost(widths)
         info = self._info(accuracy, macs, params, widths, times, removed=self._removed + int(counts.sum()))
-        info.update(removed=counts.tolist(), accuracy_before_finetune=accuracy)
+        info.update(removed=counts.tolist(), accuracy_before_recovery=accuracy, accuracy_before_finetune=accuracy)
+        info.update(correct=int(round(accuracy * n)), scored_images=n)
         return self._reward(accuracy, macs, params), info
 
-    def evaluate_many(
-        self, actions: Sequence[Any], backend: str = "serial", workers: int | None = None
-    ) -> list[tuple[float, dict]]:
-        """Score several candidate actions (see :meth:`evaluate`); every action is checked first.
+    def evaluate_many(self, actions: Sequence[Any], images: slice | None = None) -> list[tuple[float, dict]]:
+        """Score several candidate actions (see :meth:`evaluate`) with :attr:`evaluator`.
 
-        Args:
-            actions: candidate actions.
-            backend: ``"serial"``, ``"ray"`` (:class:`keepgym.envs.ray_backend.RayBackend`, needs
-                ``pip install -e .[ray]``) or one added by :func:`register_evaluate_backend`.
-            workers: parallelism hint for the backend.
+        Every action is checked and allocated before any is scored, so one bad action raises
+        ``ValueError`` with nothing scored; the env is left exactly as it was. ``images``: score on
+        these positions of :meth:`scoring_order` only (see :meth:`evaluate_allocation`; racing).
+
+        Returns:
+            One ``(reward, info)`` per action, in order, equal to :meth:`evaluate`'s.
         """
-        self._require_started()
-        if backend == "ray" and backend not in _EVALUATE_BACKENDS:
-            import keepgym.envs.ray_backend  # noqa: F401  (registers "ray"; Ray itself is imported on first use)
-        if backend not in _EVALUATE_BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(sorted(_EVALUATE_BACKENDS))}")
-        checked = [self._check_action(a) for a in actions]
-        return _EVALUATE_BACKENDS[backend](self, checked, workers)
+        self._require_open_stage()
+        counts = [self.allocate(a) for a in actions]
+        if not counts:
+            return []
+        return list(self.evaluator.evaluate_many(self, counts, images=images))
+
+    def close(self) -> None:
+        """Close the :attr:`evaluator` (Ray actors, ...) and the env."""
+        self.evaluator.close()
+        super().close()
 
     def render(self) -> str | np.ndarray | None:
         """``"ansi"``: one line per group (layers, width, sparsity) and the totals; ``"rgb_array"``: an
@@ -1152,7 +1239,7 @@ class PruneEnv(gym.Env):
             "val": self._val,
             "stage_seed": self._stage_seed,
             "rng": copy.deepcopy(self.np_random.bit_generator.state),
-            "finetune_lr_scale": self._finetune_lr_scale,
+            "recovery": self.recovery.snapshot(),
         }
 
     def restore(self, snap: dict) -> None:
@@ -1166,28 +1253,82 @@ class PruneEnv(gym.Env):
         self._calib, self._val = snap["calib"], snap["val"]
         self._stage_seed = snap.get("stage_seed")
         self.np_random.bit_generator.state = copy.deepcopy(snap["rng"])
-        self._finetune_lr_scale = snap.get("finetune_lr_scale", 1.0)
+        if "recovery" in snap:
+            self.recovery.restore(snap["recovery"])
         if not self._terminated:  # an ended episode ranks no next stage (its scores predate the last step)
             self._pruner.set_ranking(self._scores)
         self._cost = self._pruner.cost_model(self.input_size, self.macs, self.params)
 
-    # ------------------------------------------------------------------ external weight updates
-    def model_changed(self) -> np.ndarray:
-        """Re-score after :attr:`model`'s weights were changed outside :meth:`step` (e.g. distilled).
+    def model_with_widths(self, widths: Sequence[int]) -> nn.Module:
+        """A copy of the original model cut to the per-group ``widths`` (weights to be loaded by the caller).
 
-        For drivers that fine-tune between stages themselves (``keepgym prune``): the validation
-        accuracy is measured again and, unless the episode is over, the next stage's calibration batch,
-        channel importance and cost model are recomputed from the new weights (drawing from
-        ``np_random``, so seeded runs stay reproducible). The architecture must not have changed.
-
-        Returns:
-            The new observation.
+        Every layer's shape follows from its groups' widths, so this rebuilds the architecture of any model
+        this env pruned (e.g. a checkpointed one) without a model file.
         """
+        widths = np.asarray(widths, dtype=np.int64)
+        model = self._fresh_model()
+        pruner = self._make_pruner(model)
+        if widths.shape != pruner.widths.shape or (widths < 1).any() or (widths > pruner.widths).any():
+            raise ValueError(f"widths {widths.tolist()} do not fit the groups {pruner.widths.tolist()}")
+        counts = pruner.widths - widths
+        if counts.any():
+            pruner.set_ranking([torch.arange(int(w), dtype=torch.float64) for w in pruner.widths])
+            pruner.prune(counts)
+        return model
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole episode state (model widths and weights, counters, stage ranking, RNG, recovery with its
+        teacher) as tensors and plain values, on the CPU: ``torch.load(weights_only=True)`` reads it back and
+        :meth:`load_state_dict` continues the episode bit for bit."""
         self._require_started()
-        self.last_accuracy = _accuracy(self.model, *self._val, self.batch_size)
-        if not self._terminated:
-            self._prepare_stage()
-        return self._obs()
+
+        def cpu(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().cpu().clone()
+            if isinstance(obj, list | tuple):
+                return [cpu(v) for v in obj]
+            return obj
+
+        return {
+            "widths": [int(w) for w in self.group_widths],
+            "model": {k: cpu(v) for k, v in self.model.state_dict().items()},
+            "stage": self.stage,
+            "removed": self._removed,
+            "terminated": self._terminated,
+            "macs": int(self.macs),
+            "params": int(self.params),
+            "accuracy": float(self.last_accuracy),
+            "scores": cpu(self._scores),
+            "calib": cpu(self._calib),
+            "val": cpu(self._val),
+            "stage_seed": self._stage_seed,
+            "rng": copy.deepcopy(self.np_random.bit_generator.state),
+            "recovery": self.recovery.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (of an env built with the same arguments)."""
+        model = self.model_with_widths(state["widths"]).to(self.device)
+        model.load_state_dict(state["model"])
+        dev = self.device
+        self.restore(
+            {
+                "model": model,
+                "stage": int(state["stage"]),
+                "removed": int(state["removed"]),
+                "terminated": bool(state["terminated"]),
+                "macs": int(state["macs"]),
+                "params": int(state["params"]),
+                "accuracy": float(state["accuracy"]),
+                "scores": list(state["scores"]),
+                "calib": None if state["calib"] is None else tuple(t.to(dev) for t in state["calib"]),
+                "val": tuple(t.to(dev) for t in state["val"]),
+                "stage_seed": state["stage_seed"],
+                "rng": state["rng"],
+            }
+        )
+        self._started = True
+        self.recovery.load_state_dict(state["recovery"], self)
 
     # ------------------------------------------------------------------ internals
     def _require_started(self) -> None:
@@ -1311,9 +1452,11 @@ def profile_evaluate(env: PruneEnv, action: Any, repeats: int = 3) -> dict[str, 
         ``images``: validation images per evaluation.
     The env's state is left as it was (the physical copy is a deep copy).
     """
+    from keepgym.models import get_classifier
+
     env = env.unwrapped if hasattr(env, "unwrapped") else env
-    env._require_started()
     counts = env.allocate(action)
+    inputs = env.scoring_inputs()
     device = env.device
 
     def timed(fn: Callable[[], Any]) -> float:
@@ -1326,26 +1469,27 @@ def profile_evaluate(env: PruneEnv, action: Any, repeats: int = 3) -> dict[str, 
             out.append(time.perf_counter() - t)
         return float(np.median(out))
 
-    x, y = env._calib
+    # importance and masking are timed on a copy with the same coupling groups, so the env is untouched
+    pruned = copy.deepcopy(inputs.model)
+    pruner = GroupPruner(pruned, torch.zeros(inputs.input_size, device=device), [get_classifier(pruned)])
     generator = torch.Generator().manual_seed(0)
-    importance_s = timed(lambda: env._pruner.importance(env.criterion, x, y, generator, env.batch_size))
+    x, y = inputs.calib_x, inputs.calib_y
+    importance_s = timed(lambda: pruner.importance(inputs.criterion, x, y, generator, inputs.batch_size))
+    pruner.set_ranking(inputs.ranking)
 
     def mask_only() -> None:
-        with env._pruner.masked(counts):
+        with pruner.masked(counts):
             pass
 
     surgery_s = timed(mask_only)
     eval_s = timed(lambda: env.evaluate(action))
-    pruned = copy.deepcopy(env.model)
-    pruner = GroupPruner(pruned, torch.zeros(env.input_size, device=device), [_classifier(pruned)])
-    pruner.set_ranking(env._scores)
     pruner.prune(counts)
-    forward_s = timed(lambda: _accuracy(pruned, *env._val, env.batch_size))
+    forward_s = timed(lambda: accuracy(pruned, inputs.val_x, inputs.val_y, inputs.batch_size))
     return {
         "importance_s": importance_s,
         "surgery_s": surgery_s,
         "eval_s": eval_s,
         "forward_s": forward_s,
         "overhead_ratio": (eval_s - forward_s) / forward_s if forward_s > 0 else math.nan,
-        "images": int(len(env._val[1])),
+        "images": int(len(inputs.val_y)),
     }

@@ -15,8 +15,8 @@ batch norms behind them and the in-channel slices of their consumers.
   exactly the parameter slices the allocation would remove (producers' out-channel weights, biases
   and BatchNorm affine parameters, consumers' in-channel slices) and restores them bit for bit on
   exit. In eval mode this gives the logits of the physically pruned model;
-* :meth:`GroupPruner.prune` does the real surgery (``Group.prune`` of Torch-Pruning) and rebuilds the
-  per-group layout.
+* :meth:`GroupPruner.prune` does the real surgery (Torch-Pruning's pruning functions, the ones
+  ``Group.prune`` calls) and moves the per-group layout along by index bookkeeping.
 
 :class:`CostModel` gives MACs and parameter counts of any per-group width vector in closed form
 (a bilinear formula per layer, derived once per stage from the traced shapes and anchored to the
@@ -109,8 +109,8 @@ class ChannelGroup:
     slices: list[_Slice] = field(default_factory=list, repr=False)
     # per module: ("out" | "in" | "dw" | "elem", channels per group channel) for the cost model
     shape_terms: list[tuple[nn.Module, str, int]] = field(default_factory=list, repr=False)
-    # per real layer the group prunes: (pruning function, layer, positions, group channel of each)
-    surgery: list[tuple[Callable, nn.Module, torch.Tensor, torch.Tensor]] = field(
+    # per layer the group prunes: (pruning function, layer, positions, group channel of each position)
+    surgery: list[tuple[Callable, nn.Module, np.ndarray, np.ndarray]] = field(
         default_factory=list, repr=False
     )
     order: torch.Tensor | None = field(default=None, repr=False)  # channels, least important first
@@ -133,24 +133,6 @@ def _pool_ops(module: nn.Module, ishape: Sequence[int], oshape: Sequence[int]) -
     if isinstance(module, nn.modules.pooling._AvgPoolNd):
         return numel
     return 0.0
-
-
-@contextlib.contextmanager
-def _frozen_index_mapping(graph: tp.DependencyGraph) -> Iterator[None]:
-    """Update the concat/reshape index mappings once, then stop ``get_pruning_group`` redoing it.
-
-    ``DependencyGraph.get_pruning_group`` recomputes every index mapping of the graph on each call;
-    between two surgeries they cannot change, and for DenseNet the recomputation dominates.
-    """
-    from torch_pruning.dependency import index_mapping
-
-    index_mapping.update_index_mapping(graph)
-    original = index_mapping.update_index_mapping
-    index_mapping.update_index_mapping = lambda _graph: None
-    try:
-        yield
-    finally:
-        index_mapping.update_index_mapping = original
 
 
 class CostModel:
@@ -247,26 +229,23 @@ class GroupPruner:
             for h in handles:
                 h.remove()
             model.train(was_training)
-        roots = []
-        with _frozen_index_mapping(self.graph):
-            all_groups = list(
-                self.graph.get_all_groups(
-                    ignored_layers=self.ignored_layers, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)
-                )
-            )
-        for group in all_groups:
+        found = []
+        for group in self.graph.get_all_groups(
+            ignored_layers=self.ignored_layers, root_module_types=(nn.modules.conv._ConvNd, nn.Linear)
+        ):
             outs = [
                 dep.target.module
                 for dep, _ in group
                 if _handler_kind(dep.handler) in ("conv_out", "dw", "linear_out")
             ]
-            first = min(self._order[m] for m in outs)
-            roots.append((first, group[0].dep.target.module))
-        roots.sort(key=lambda t: t[0])
+            found.append((min(self._order[m] for m in outs), group))
+        found.sort(key=lambda t: t[0])
         self.groups: list[ChannelGroup] = []
-        for i, (_, root) in enumerate(roots):
-            self.groups.append(ChannelGroup(i, root, names[root], 0, []))
-        self.refresh()
+        for i, (_, group) in enumerate(found):
+            root = group[0].dep.target.module
+            g = ChannelGroup(i, root, names[root], 0, [])
+            self._set_layout(g, group)
+            self.groups.append(g)
 
     # ------------------------------------------------------------------ layout
     def _register_gradfn_hooks(self) -> list:
@@ -289,27 +268,27 @@ class GroupPruner:
             if not list(m.children()) and not isinstance(m, registered)
         ]
 
-    def _full_group(self, root: nn.Module):
-        pruner = self.graph.get_pruner_of_module(root)
-        width = pruner.get_out_channels(root)
-        return self.graph.get_pruning_group(root, pruner.prune_out_channels, list(range(width))), width
-
     def refresh(self) -> None:
-        """Rebuild every group's parameter slices from the current model (after surgery)."""
-        with _frozen_index_mapping(self.graph):
-            for g in self.groups:
-                self._refresh_group(g)
+        """Derive every group's layout again from Torch-Pruning's dependency graph.
 
-    def _refresh_group(self, g: ChannelGroup) -> None:
-        group, width = self._full_group(g.root)
-        g.width = int(width)
-        g.slices, g.shape_terms, g.surgery, layers = [], [], [], []
+        :meth:`prune` keeps the layouts current by itself; this asks the graph afresh (one
+        ``get_pruning_group`` per group), e.g. to check that bookkeeping. The ranking is cleared.
+        """
+        for g in self.groups:
+            pruner = self.graph.get_pruner_of_module(g.root)
+            width = pruner.get_out_channels(g.root)
+            self._set_layout(g, self.graph.get_pruning_group(g.root, pruner.prune_out_channels, list(range(width))))
+
+    def _set_layout(self, g: ChannelGroup, group: tp.Group) -> None:
+        """Fill ``g`` from a Torch-Pruning group that holds all of its root's output channels."""
+        g.width = int(self.graph.get_pruner_of_module(g.root).get_out_channels(g.root))
+        g.shape_terms, g.surgery, layers = [], [], []
         for item in group:
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
             kind = _handler_kind(dep.handler)
-            pos = torch.as_tensor(list(idxs), dtype=torch.long)
-            chans = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            pos = np.asarray(idxs, dtype=np.int64)
+            chans = np.asarray(item.root_idxs, dtype=np.int64)
             if kind is None:
                 if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
                     raise NotImplementedError(
@@ -318,30 +297,36 @@ class GroupPruner:
                     )
                 leaf = self._gradfn_to_leaf.get(dep.target.grad_fn)
                 if leaf is not None:
-                    per = self._per_channel(len(pos), width, g.root_name)
+                    per = self._per_channel(len(pos), g.width, g.root_name)
                     g.shape_terms.append((leaf, "elem", per))
                 # Torch-Pruning's placeholder ops keep state (concat sizes, slice bounds): prune them too
                 g.surgery.append((dep.handler, module, pos, chans))
                 continue
-            per = self._per_channel(len(pos), width, g.root_name)
-            if kind in ("conv_out", "linear_out", "dw", "bn"):
-                if kind == "conv_out" and module.groups != 1:
-                    raise NotImplementedError(f"grouped conv {self._module_names[module]!r} is not supported")
-                if getattr(module, "weight", None) is not None:
-                    g.slices.append(_Slice(module, "weight", 0, pos, chans))
-                if getattr(module, "bias", None) is not None:
-                    g.slices.append(_Slice(module, "bias", 0, pos, chans))
-                g.shape_terms.append((module, "dw" if kind == "dw" else "out", per))
-                g.surgery.append((dep.handler, module, pos, chans))
-                if kind in ("conv_out", "linear_out", "dw"):
-                    layers.append(self._module_names[module])
-            else:  # consumer in-channels
-                if kind == "conv_in" and module.groups != 1:
-                    raise NotImplementedError(f"grouped conv {self._module_names[module]!r} is not supported")
-                g.slices.append(_Slice(module, "weight", 1, pos, chans))
-                g.shape_terms.append((module, "in", per))
-                g.surgery.append((dep.handler, module, pos, chans))
+            per = self._per_channel(len(pos), g.width, g.root_name)
+            if kind in ("conv_out", "conv_in") and module.groups != 1:
+                raise NotImplementedError(f"grouped conv {self._module_names[module]!r} is not supported")
+            g.shape_terms.append((module, {"dw": "dw", "conv_in": "in", "linear_in": "in"}.get(kind, "out"), per))
+            g.surgery.append((dep.handler, module, pos, chans))
+            if kind in ("conv_out", "linear_out", "dw"):
+                layers.append(self._module_names[module])
         g.layers = sorted(layers, key=lambda n: self._order[self.model.get_submodule(n)])
+        self._set_slices(g)
+
+    @staticmethod
+    def _set_slices(g: ChannelGroup) -> None:
+        """The parameter slices of ``g``'s real layers, read off its surgery plan; clears the ranking."""
+        g.slices = []
+        for handler, module, pos, chans in g.surgery:
+            kind = _handler_kind(handler)
+            if kind is None:
+                continue  # a placeholder op: no parameters
+            pos_t, chans_t = torch.from_numpy(pos), torch.from_numpy(chans)
+            if kind in ("conv_in", "linear_in"):  # consumer in-channels
+                g.slices.append(_Slice(module, "weight", 1, pos_t, chans_t))
+            else:  # producer out-channels, depthwise convs, batch norms
+                for name in ("weight", "bias"):
+                    if getattr(module, name, None) is not None:
+                        g.slices.append(_Slice(module, name, 0, pos_t, chans_t))
         g.order = None
 
     @staticmethod
@@ -454,7 +439,7 @@ class GroupPruner:
 
     def _check_counts(self, counts: Sequence[int]) -> None:
         if any(g.order is None for g in self.groups):
-            raise RuntimeError("call set_ranking() after refresh() before masking or pruning")
+            raise RuntimeError("call set_ranking() before masking or pruning (again after each prune)")
         if len(counts) != len(self.groups):
             raise ValueError(f"expected {len(self.groups)} counts, got {len(counts)}")
         for g, n in zip(self.groups, counts, strict=True):
@@ -495,25 +480,53 @@ class GroupPruner:
         All removals are expressed in the pre-surgery index space of every layer and applied with
         one Torch-Pruning pruning-function call per (layer, function), so groups that share a layer
         (e.g. the slices of a batch norm behind a concatenation) cannot shift each other's indices.
+        The group layouts then move along by index bookkeeping: a kept position ``p`` of a layer
+        becomes ``p`` minus the number of removed positions below it, exactly what the pruning
+        functions do to the tensors, so the dependency graph is not queried again
+        (:meth:`refresh` would give the same layouts; a test checks it).
 
         Returns:
             The removed channel indices of every group (in the group's index space before pruning).
         """
         removed = self.removal_indices(counts)
-        plan: dict[tuple[int, Callable], tuple[Callable, nn.Module, list[torch.Tensor]]] = {}
+        drops = []
+        plan: dict[tuple[int, Callable], tuple[Callable, nn.Module, list[np.ndarray]]] = {}
         for g, idxs in zip(self.groups, removed, strict=True):
+            drop = np.zeros(g.width, dtype=bool)
+            drop[idxs] = True
+            drops.append(drop)
             if len(idxs) == 0:
                 continue
-            drop = torch.zeros(g.width, dtype=torch.bool)
-            drop[torch.as_tensor(idxs, dtype=torch.long)] = True
             for handler, module, pos, chans in g.surgery:
                 key = (id(module), handler)
                 plan.setdefault(key, (handler, module, []))[2].append(pos[drop[chans]])
-        for handler, module, parts in plan.values():
-            idxs = sorted(set(torch.cat(parts).tolist()))
-            handler(module, idxs)
-        self.refresh()
+        cut: dict[tuple[int, Callable], np.ndarray] = {}
+        for key, (handler, module, parts) in plan.items():
+            cut[key] = np.unique(np.concatenate(parts))  # sorted
+            handler(module, cut[key].tolist())
+        for g, drop in zip(self.groups, drops, strict=True):
+            self._compact(g, drop, cut)
         return removed
+
+    @staticmethod
+    def _compact(g: ChannelGroup, drop: np.ndarray, cut: dict[tuple[int, Callable], np.ndarray]) -> None:
+        """Move ``g``'s layout past a surgery: forget the channels in ``drop``, renumber the rest.
+
+        ``cut`` holds, per (layer, pruning function), the sorted positions all groups removed there.
+        """
+        keep = ~drop
+        renumber = np.cumsum(keep) - 1  # old channel -> new channel, for the kept ones
+        surgery = []
+        for handler, module, pos, chans in g.surgery:
+            kept = keep[chans]
+            pos, chans = pos[kept], renumber[chans[kept]]
+            removed_here = cut.get((id(module), handler))
+            if removed_here is not None:
+                pos = pos - np.searchsorted(removed_here, pos)
+            surgery.append((handler, module, pos, chans))
+        g.surgery = surgery
+        g.width = int(keep.sum())
+        GroupPruner._set_slices(g)
 
     # -------------------------------------------------------------- cost model
     def cost_model(

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 COMMAND = "bench"
 DESCRIPTION = "Run speed benchmarks (data, prune-step, vit, prune, agentvit, all) and write JSON."
 BENCHMARKS = ("data", "prune-step", "vit", "prune", "agentvit")
-EXTRA_BENCHMARKS = ("ray", "score-fidelity")  # optional extra / needs a trained model; not part of "all"
+EXTRA_BENCHMARKS = ("ray", "score-fidelity", "search")  # optional extra / needs a trained model; not in "all"
 
 
 @dataclass
@@ -64,6 +64,15 @@ class BenchConfig:
     kd_steps: int = arg(30, help="score-fidelity: KD steps of every candidate's recovery")
     eval_size: int | None = arg(None, help="score-fidelity: validation images to score on (None: all)")
     seed: int = arg(0, help="score-fidelity: seed")
+    # search only
+    stages: int = arg(10, help="search: stages to search and commit")
+    stage_sparsity: float = arg(0.01, help="search: fraction of the channels a stage removes")
+    sample_num: int = arg(10, help="search: candidates per round (K)")
+    rounds_per_stage: int = arg(10, help="search: rounds per stage (E)")
+    racing_eta: int = arg(3, help="search: halving factor of the racing search")
+    racing_keep: int = arg(2, help="search: candidates of a round scored on every image")
+    candidate_scoring: str = arg("vanilla", help="search: candidate scoring")
+    compare_exhaustive: bool = arg(False, help="search: run the exhaustive search side by side on every stage")
 
 
 Config = BenchConfig
@@ -97,6 +106,25 @@ def add_arguments(parser) -> None:
     fidelity.add_argument("--kd-steps", type=int, default=30, help="KD steps per candidate's recovery (default: 30)")
     fidelity.add_argument("--eval-size", type=int, default=None, help="validation images to score on (default: all)")
     fidelity.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    search = parser.add_argument_group("search (also takes the model and data flags above)")
+    search.add_argument("--stages", type=int, default=10, help="stages to search and commit (default: 10)")
+    search.add_argument(
+        "--stage-sparsity", type=float, default=0.01, help="fraction of the channels a stage removes (default: 0.01)"
+    )
+    search.add_argument("--sample-num", type=int, default=10, help="RL-Pruner candidates per round K (default: 10)")
+    search.add_argument("--rounds-per-stage", type=int, default=10, help="RL-Pruner rounds per stage E (default: 10)")
+    search.add_argument("--racing-eta", type=int, default=3, help="halving factor of the racing search (default: 3)")
+    search.add_argument(
+        "--racing-keep", type=int, default=2, help="candidates of a round scored on every image (default: 2)"
+    )
+    search.add_argument(
+        "--candidate-scoring", default="vanilla", choices=("vanilla", "adaptive_bn"), help="(default: vanilla)"
+    )
+    search.add_argument(
+        "--compare-exhaustive",
+        action="store_true",
+        help="also run today's exhaustive search on every stage, from the same point, and compare time and pick",
+    )
 
 
 def config_from_args(args) -> BenchConfig:
@@ -117,6 +145,14 @@ def config_from_args(args) -> BenchConfig:
         kd_steps=args.kd_steps,
         eval_size=args.eval_size,
         seed=args.seed,
+        stages=args.stages,
+        stage_sparsity=args.stage_sparsity,
+        sample_num=args.sample_num,
+        rounds_per_stage=args.rounds_per_stage,
+        racing_eta=args.racing_eta,
+        racing_keep=args.racing_keep,
+        candidate_scoring=args.candidate_scoring,
+        compare_exhaustive=args.compare_exhaustive,
     )
 
 
@@ -272,10 +308,12 @@ def _bench_agentvit(device: str, quick: bool, repeats: int) -> dict:
 
 
 def _bench_ray(device: str, quick: bool, repeats: int) -> dict:
+    from keepgym.envs.ray_backend import benchmark_ray_search, require_ray
+
     try:
-        from keepgym.envs.ray_backend import benchmark_ray_search
-    except ImportError as err:
-        raise CliError(f"{err}; install the extra with: pip install -e .[ray]") from None
+        require_ray()
+    except ImportError as err:  # the message carries the install command
+        raise CliError(str(err)) from None
     return {"benchmark": "ray", **benchmark_ray_search(workers=2, candidates=8 if quick else 20, quick=quick)}
 
 
@@ -313,6 +351,43 @@ def _bench_score_fidelity(cfg: BenchConfig, device: str, out: Path) -> dict:
     return result
 
 
+def _bench_search(cfg: BenchConfig, device: str) -> dict:
+    from keepgym.experiments.search_bench import search_benchmark
+
+    for flag, value, low in (("--stages", cfg.stages, 1), ("--sample-num", cfg.sample_num, 1),
+                             ("--rounds-per-stage", cfg.rounds_per_stage, 1), ("--racing-eta", cfg.racing_eta, 2),
+                             ("--racing-keep", cfg.racing_keep, 1)):
+        if value < low:
+            raise CliError(f"{flag} must be >= {low}, got {value}")
+    if not 0.0 < cfg.stage_sparsity < 1.0:
+        raise CliError(f"--stage-sparsity must be in (0, 1), got {cfg.stage_sparsity}")
+    common = dict(
+        stages=cfg.stages, stage_sparsity=cfg.stage_sparsity, sample_num=cfg.sample_num,
+        rounds_per_stage=cfg.rounds_per_stage, racing_eta=cfg.racing_eta, racing_keep=cfg.racing_keep,
+        candidate_scoring=cfg.candidate_scoring, compare_exhaustive=cfg.compare_exhaustive, seed=cfg.seed,
+        device=device,
+    )
+    if cfg.quick:  # plumbing only: a random tiny model on synthetic data
+        from keepgym.envs.data import load_dataset
+
+        data = load_dataset("synthetic", train_size=160, val_size=60, test_size=16, num_classes=4, image_size=16)
+        result = search_benchmark("vgg11", "synthetic", data=data, pretrained=False, width_mult=0.125, **common)
+    else:
+        if cfg.checkpoint is None:
+            raise CliError("search needs a trained model: --checkpoint PATH (or --quick for a smoke run)")
+        if not Path(cfg.checkpoint).expanduser().is_file():
+            raise CliError(f"--checkpoint {cfg.checkpoint} does not exist")
+        try:
+            result = search_benchmark(
+                cfg.model, cfg.dataset, data_root=cfg.data_root, checkpoint=cfg.checkpoint,
+                image_size=cfg.image_size, eval_size=cfg.eval_size, **common,
+            )
+        except (ValueError, FileNotFoundError) as err:  # the env's checks of the model, data and sizes
+            raise CliError(f"search: {err}".splitlines()[0]) from None
+    result["benchmark"] = "search"
+    return result
+
+
 _RUNNERS = {
     "ray": _bench_ray,
     "data": lambda d, q, r: bench_data(d, q, r),
@@ -345,6 +420,8 @@ def run(cfg: BenchConfig) -> dict:
         start = time.perf_counter()
         if name == "score-fidelity":
             result = _bench_score_fidelity(cfg, device, out)
+        elif name == "search":
+            result = _bench_search(cfg, device)
         else:
             result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
         result["machine"] = machine_info()
@@ -364,14 +441,24 @@ def _command(cfg: BenchConfig) -> str:
         parts.append("--quick")
     if cfg.threads is not None:
         parts += ["--threads", str(cfg.threads)]
-    if cfg.which == "score-fidelity" and not cfg.quick:
+    if cfg.which == "search":
+        for flag, value in (
+            ("--stages", cfg.stages), ("--stage-sparsity", cfg.stage_sparsity), ("--sample-num", cfg.sample_num),
+            ("--rounds-per-stage", cfg.rounds_per_stage), ("--racing-eta", cfg.racing_eta),
+            ("--racing-keep", cfg.racing_keep), ("--candidate-scoring", cfg.candidate_scoring),
+        ):
+            parts += [flag, str(value)]
+        if cfg.compare_exhaustive:
+            parts.append("--compare-exhaustive")
+    if cfg.which in ("score-fidelity", "search") and not cfg.quick:
         for flag, value in (
             ("--model", cfg.model), ("--dataset", cfg.dataset), ("--data-root", cfg.data_root),
             ("--checkpoint", cfg.checkpoint), ("--image-size", cfg.image_size), ("--candidates", cfg.candidates),
             ("--stage-macs", cfg.stage_macs), ("--kd-steps", cfg.kd_steps), ("--eval-size", cfg.eval_size),
             ("--seed", cfg.seed),
         ):
-            if value is not None:
+            fidelity_only = flag in ("--candidates", "--stage-macs", "--kd-steps")
+            if value is not None and not (fidelity_only and cfg.which == "search"):
                 parts += [flag, str(value)]
     return " ".join(parts)
 
@@ -382,6 +469,15 @@ def _headline(result: dict) -> str:
             f"{s}: Spearman {c['val']['spearman']:.3f} Kendall {c['val']['kendall']:.3f}"
             for s, c in result["correlations"].items()
         ) + " (with recovered validation accuracy)"
+    if result.get("benchmark") == "search":
+        summary = result["summary"]
+        if "stage_time_ratio_total" not in summary:
+            return f"racing: median {summary['racing_stage_s_median']:.2f} s per stage over {summary['stages']} stages"
+        return (
+            f"per-stage time exhaustive/racing x{summary['stage_time_ratio_total']:.2f} (search alone "
+            f"x{summary['search_time_ratio_total']:.2f}); same pick in {100 * summary['equal_pick_rate']:.0f} % of "
+            f"{summary['stages']} stages, within tolerance in {100 * summary['within_tolerance_rate']:.0f} %"
+        )
     if result.get("benchmark") == "data":
         return (
             f"loader {result['loader_seconds_per_batch'] * 1e3:.2f} ms/batch vs train step "

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import keepgym  # noqa: F401 - registers the env ids
+from keepgym.envs.evaluators import CountingEvaluator
 from keepgym.envs.metrics import evaluate_accuracy
 from keepgym.experiments.common import add_config_arguments, arg, config_from_args, write_json
 
@@ -63,24 +64,27 @@ class CompareConfig:
 
 
 class _Budget(gym.Wrapper):
-    """Counts validation evaluations (evaluate() and step() of the raw env); records each episode's end."""
+    """Counts validation evaluations (candidates of evaluate_many, and step()); records each episode's end.
+
+    The agents here score candidates only through ``evaluate_many`` (RLPruner) or not at all (PPO, uniform).
+    """
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
-        self.evaluations = 0
+        self._steps = 0
         self.episodes: list[dict[str, Any]] = []
         raw = env.unwrapped
-        original = raw.evaluate
+        self._candidates = CountingEvaluator(raw.evaluator)
+        raw.evaluator = self._candidates
 
-        def counted(action: Any) -> tuple[float, dict]:
-            self.evaluations += 1
-            return original(action)
-
-        raw.evaluate = counted  # evaluate_many's serial backend calls env.evaluate: counted too
+    @property
+    def evaluations(self) -> int:
+        """Validation evaluations so far: candidates scored plus committed stages."""
+        return self._candidates.count + self._steps
 
     def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self.evaluations += 1
+        self._steps += 1
         if terminated or truncated:
             raw = self.env.unwrapped
             data = raw.data

@@ -7,13 +7,12 @@ Prints a small table and, with ``--out``, writes the same figures as JSON. The m
 with ``torch.load(weights_only=True)`` (through :func:`keepgym.models.load_model`); a truncated file, a file
 that is not a keepgym model or a model that does not fit the dataset ends with one clear line.
 
-Second mode (AgentViT): ``--vit`` hands the whole config to ``keepgym.experiments.agentvit.evaluate_agentvit``
+Second mode (AgentViT): ``--vit`` hands the whole config to ``keepgym.experiments.agentvit_report.evaluate_agentvit``
 (see :func:`run`); that function owns its flags' meaning.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,7 +64,7 @@ class EvaluateConfig:
     latency_threads: int | None = arg(
         None, help="CPU threads of torch and ONNX Runtime while timing (default: torch's; 1 is steadier)"
     )
-    # Hook for the AgentViT mode (experiments/agentvit.py owns it): evaluate a ViT + patch agent.
+    # AgentViT mode (experiments/agentvit_report.py owns it): evaluate a ViT + patch agent.
     vit: str | None = arg(None, help="AgentViT mode: ViT model file (see `keepgym agentvit`)")
     agent: str | None = arg(None, help="AgentViT mode: agent zip saved by `keepgym agentvit`")
 
@@ -278,19 +277,10 @@ def format_table(rows: dict[str, Any]) -> str:
 
 
 def _agentvit_mode(cfg: EvaluateConfig) -> dict:
-    """Dispatch to the AgentViT evaluator (lives in experiments/agentvit.py)."""
-    try:
-        module = importlib.import_module("keepgym.experiments.agentvit")
-    except ModuleNotFoundError as err:
-        if err.name != "keepgym.experiments.agentvit":
-            raise
-        module = None
-    fn = getattr(module, "evaluate_agentvit", None)
-    if fn is None:
-        raise CliError(
-            "--vit: the AgentViT evaluation is not available in this version (experiments/agentvit.py)"
-        )
-    return fn(cfg)
+    """Hand over to the AgentViT evaluator (``keepgym.experiments.agentvit_report.evaluate_agentvit``)."""
+    from keepgym.experiments.agentvit_report import evaluate_agentvit
+
+    return evaluate_agentvit(cfg)
 
 
 def run(cfg: EvaluateConfig) -> dict:

@@ -2,6 +2,7 @@
 
 * :func:`plot_policy`: the final layer (coupling-group) distribution of a pruning run and the sparsity
   of every group, as in RL-Pruner's figure of the learned sparsity distribution.
+* :func:`plot_kept_patches`: example images and, below each, the patches each selector keeps (AgentViT).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_policy"]
+from keepgym.models.serialization import atomic_write
+
+__all__ = ["plot_kept_patches", "plot_policy"]
 
 
 def _canvas(figsize: tuple[float, float], nrows: int):
@@ -23,6 +26,11 @@ def _canvas(figsize: tuple[float, float], nrows: int):
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, 1, sharex=True)
     return fig, axes
+
+
+def _save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically (a kill never leaves half a figure)."""
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
 
 
 def plot_policy(
@@ -79,9 +87,65 @@ def plot_policy(
     ax_sp.set_xticklabels(labels, rotation=70 if len(groups) > 8 else 0, fontsize=7, ha="right")
     ax_sp.set_xlabel("coupling group")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return _save_png(fig, path)
+
+
+def plot_kept_patches(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: Sequence[int],
+    rows: Sequence[tuple[str, Sequence[Sequence[int]], Sequence[int]]],
+    patch_size: int,
+    title: str = "",
+) -> Path:
+    """Write a PNG: one column per image, the image on top, then one row per selector.
+
+    Args:
+        path: Destination ``.png`` (parent folders are created).
+        images: ``(M, C, H, W)`` uint8 images (C = 1 or 3).
+        labels: The images' labels.
+        rows: ``(name, kept patch indices per image, predicted class per image)`` per selector; kept
+            patches are shown bright and framed, the others dimmed.
+        patch_size: Patch side in pixels (the grid is ``H / patch_size`` patches a side).
+        title: Figure title.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    m, g, p = len(images), images.shape[-1] // patch_size, patch_size
+    fig = Figure(figsize=(1.6 * m, 1.7 * (len(rows) + 1) + 0.1), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows) + 1, m, squeeze=False)
+    for j in range(m):
+        img = np.transpose(images[j], (1, 2, 0)).astype(np.float32) / 255.0
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        cmap = "gray" if img.ndim == 2 else None
+        for r in range(len(rows) + 1):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
+                ax.set_title(f"label {int(labels[j])}", fontsize=8)
+                continue
+            _, keeps, preds = rows[r - 1]
+            kept = {int(i) for i in keeps[j]}
+            shade = np.full((g, g), 0.25, dtype=np.float32)
+            for idx in kept:
+                shade[idx // g, idx % g] = 1.0
+            shade = np.kron(shade, np.ones((p, p), dtype=np.float32))
+            ax.imshow(img * shade if img.ndim == 2 else img * shade[..., None], cmap=cmap, vmin=0, vmax=1)
+            for idx in kept:
+                corner = ((idx % g) * p - 0.5, (idx // g) * p - 0.5)
+                ax.add_patch(Rectangle(corner, p, p, fill=False, edgecolor="lime", linewidth=0.6))
+            ax.set_title(f"{len(kept)} kept, pred {int(preds[j])}", fontsize=7)
+    for r, name in enumerate(["image", *(row[0] for row in rows)]):
+        axes[r][0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path)

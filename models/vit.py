@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "VIT_PRESETS",
     "ViT",
     "vit_cifar",
     "vit_small",
@@ -33,6 +34,13 @@ __all__ = [
 ]
 
 SCORE_MODES = ("attention", "agentvit")
+
+#: Width, depth and heads of the ViT factories below (``ViT``/``PatchSelectEnv`` keyword arguments).
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(dim=32, depth=2, heads=2, mlp_dim=64, dim_head=8),
+    "vit_small": dict(dim=64, depth=4, heads=4, mlp_dim=128, dim_head=16),
+    "vit_cifar": dict(dim=128, depth=6, heads=16, mlp_dim=512, dim_head=64),
+}
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> Tensor:
@@ -407,7 +415,7 @@ def vit_cifar(
     ``width_mult`` scales ``dim`` (to a multiple of 4), ``heads`` and ``mlp_dim``; ``kw`` overrides any
     ``ViT`` argument (``dim``, ``depth``, ``heads``, ``mlp_dim``, ``dim_head``, ``cls_token``).
     """
-    defaults = dict(dim=128, depth=6, heads=16, mlp_dim=512, dim_head=64)
+    defaults = VIT_PRESETS["vit_cifar"]
     return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)
 
 
@@ -420,7 +428,7 @@ def vit_small(
     **kw,
 ) -> ViT:
     """A CPU-friendly ViT for demos: dim 64, depth 4, 4 heads of 16, MLP 128."""
-    defaults = dict(dim=64, depth=4, heads=4, mlp_dim=128, dim_head=16)
+    defaults = VIT_PRESETS["vit_small"]
     return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)
 
 
@@ -433,5 +441,5 @@ def vit_tiny(
     **kw,
 ) -> ViT:
     """A test-sized ViT: dim 32, depth 2, 2 heads of 8, MLP 64."""
-    defaults = dict(dim=32, depth=2, heads=2, mlp_dim=64, dim_head=8)
+    defaults = VIT_PRESETS["vit_tiny"]
     return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)

@@ -284,3 +284,28 @@ def test_tensorboard_has_loss_and_rollout_stats(tmp_path: Path) -> None:
     kept = [e.value for e in acc.Scalars("rollout/kept_patches")]
     assert all(8.0 <= v <= 40.0 for v in kept)
     assert all(np.isfinite(e.value) for e in acc.Scalars("train/loss"))
+
+
+def test_progress_bar_is_labelled_with_the_run_name_and_counts_steps() -> None:
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from keepgym.agents.callbacks import NamedProgressBar
+
+    class Spy(BaseCallback):
+        bars: list = []
+
+        def _on_training_start(self) -> None:
+            todo = [self.locals["callback"]]
+            while todo:  # learn()'s callback list, nested lists included
+                cb = todo.pop()
+                todo.extend(getattr(cb, "callbacks", []))
+                if isinstance(cb, NamedProgressBar):
+                    Spy.bars.append(cb)
+
+        def _on_step(self) -> bool:
+            return True
+
+    agent = DDQN("MlpPolicy", RatioBandit(), learning_starts=2, seed=0)
+    agent.learn(4, callback=Spy(), tb_log_name="agentvit ddqn", progress_bar=True)
+    assert [(b.desc, b.unit) for b in Spy.bars] == [("agentvit ddqn", "step")]
+    assert Spy.bars[0].pbar.n == 4

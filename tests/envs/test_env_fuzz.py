@@ -424,7 +424,7 @@ def test_evaluate_many_checks_every_action_first(prune_env):
     with pytest.raises(ValueError):
         prune_env.evaluate_many([good, good, np.full(prune_env.num_groups, np.nan)])
     with pytest.raises(ValueError):
-        prune_env.evaluate_many([good], backend="nope")
+        prune_env.evaluate_allocation(prune_env.group_widths + 1)  # more channels than a group has
     _assert_same(before, prune_state(prune_env))
 
 

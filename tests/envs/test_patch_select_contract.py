@@ -142,3 +142,50 @@ def test_torchvision_vit_trains_in_the_env(data):
     assert r["kept_patches"] == 5 and 0 <= r["accuracy"] <= 1
     with pytest.raises(ValueError):
         make_env(load_dataset("synthetic", image_size=32, train_size=64, test_size=8, num_classes=4), model=tv)
+
+
+def test_save_a_torchvision_vit_built_by_create_model_or_refuse_in_one_line(data, tmp_path):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from keepgym.models import create_model
+
+    sizes = dict(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4)
+    ref = "torchvision.models.vision_transformer:VisionTransformer"
+    env = make_env(data, model=create_model(ref, **sizes))
+    env.reset(seed=0)
+    env.step(1)
+    env.save(str(tmp_path / "tv.pt"))
+    raw = torch.load(tmp_path / "tv.pt", weights_only=True)  # the wrapped model itself, with its recipe
+    assert raw["format"] == "keepgym-model" and raw["spec"]["name"] == ref
+    trained = env.vit.model.state_dict()
+    assert raw["state_dict"].keys() == trained.keys()
+    assert all(torch.equal(raw["state_dict"][k], v) for k, v in trained.items())
+    plain = make_env(data, model=VisionTransformer(**sizes))
+    with pytest.raises(ValueError, match="create_model") as err:
+        plain.save(str(tmp_path / "plain.pt"))
+    assert "\n" not in str(err.value) and not (tmp_path / "plain.pt").exists()
+
+
+@pytest.mark.parametrize("cut", [0, 3])
+def test_reset_with_a_state_dict_option_continues_the_run(data, cut):
+    a = make_env(data, warmup_epochs=1)
+    a.reset(seed=3)
+    rollout(a, [1, 2, 0][:cut])
+    b = make_env(data, warmup_epochs=1)
+    b.reset(seed=99)  # another run: the option replaces it entirely
+    obs, info = b.reset(options={"state_dict": a.state_dict()})
+    assert same(obs, a.observe()) and info["epoch"] == a.epoch and b.epoch_step == a.epoch_step == cut
+    assert same(rollout(a, [3, 1, 4, 0, 2]), rollout(b, [3, 1, 4, 0, 2]))
+
+
+def test_every_patch_id_has_a_v1_with_the_same_settings():
+    v0 = {i: kw for i, kw in PATCH_ENV_IDS.items() if i.endswith("-v0")}
+    assert v0 and all(PATCH_ENV_IDS[i.replace("-v0", "-v1")] == kw for i, kw in v0.items())
+    for env_id in PATCH_ENV_IDS:
+        assert gym.spec(env_id).entry_point == "keepgym.envs.patch_select_env:PatchSelectEnv"
+    env = gym.make("PatchSelect-Digits-v1", train_size=128, batch_size=32, dim=16, depth=1, heads=2, mlp_dim=32,
+                   dim_head=8, warmup_epochs=1).unwrapped
+    obs, info = env.reset(seed=0)
+    assert info["epoch"] == 1 and env.observation_space.contains(obs)  # warm-up ran inside reset
+    _, _, _, _, step_info = env.step(0)
+    assert "step_seconds" not in step_info

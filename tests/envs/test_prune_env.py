@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from keepgym.envs.data import load_dataset
+from keepgym.envs.evaluators import CountingEvaluator, Evaluator, SerialEvaluator, make_evaluator
 from keepgym.envs.metrics import count_macs_params
 from keepgym.envs.prune_env import (
     PruneEnv,
@@ -18,7 +20,6 @@ from keepgym.envs.prune_env import (
     _waterfill,
     default_checkpoint_path,
     profile_evaluate,
-    register_evaluate_backend,
 )
 from keepgym.models import create_model, load_model
 
@@ -133,27 +134,52 @@ def test_evaluate_leaves_env_bit_identical_and_matches_step(data, scoring):
         assert step_info[key] == info[key], key
 
 
-def test_evaluate_many_and_backends(data):
+class _CountingEvaluator(Evaluator):
+    """Scores serially through the env's public API and records what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[list[int]]] = []
+        self.closed = 0
+
+    def evaluate_many(self, env, counts, images=None):
+        self.calls.append([c.tolist() for c in counts])
+        return [env.evaluate_allocation(c) for c in counts]
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_evaluate_many_and_evaluators(data):
     env = _env(data, "vgg11")
+    assert isinstance(env.evaluator, SerialEvaluator)  # the default
     env.reset(seed=0)
     actions = [env.np_random.random(env.num_groups) for _ in range(3)]
     serial = env.evaluate_many(actions)
     assert [r for r, _ in serial] == [env.evaluate(a)[0] for a in actions]
-    calls = []
-
-    def backend(e, acts, workers):
-        calls.append((len(acts), workers))
-        return [e.evaluate(a) for a in acts]
-
-    register_evaluate_backend("test-backend", backend)
-    assert [r for r, _ in env.evaluate_many(actions, backend="test-backend", workers=2)] == [
-        r for r, _ in serial
-    ]
-    assert calls == [(3, 2)]
-    with pytest.raises(ValueError, match="backend"):
-        env.evaluate_many(actions, backend="nope")
+    assert env.evaluate_many([]) == []
+    # an injected evaluator gets the allocated counts and gives the same rewards; env.close() closes it
+    counting = _CountingEvaluator()
+    env.evaluator = counting
+    assert [r for r, _ in env.evaluate_many(actions)] == [r for r, _ in serial]
+    assert counting.calls == [[env.allocate(a).tolist() for a in actions]]
+    # one bad action: ValueError before the evaluator sees anything
     with pytest.raises(ValueError, match="NaN"):
         env.evaluate_many([actions[0], np.full(env.num_groups, np.nan)])
+    assert len(counting.calls) == 1
+    with pytest.raises(ValueError, match="counts"):
+        env.evaluate_allocation(env.group_widths + 1)
+    wrapped = CountingEvaluator(counting)
+    env.evaluator = wrapped
+    env.evaluate_many(actions[:2])
+    assert wrapped.count == 2 and len(counting.calls) == 2
+    env.close()
+    assert counting.closed == 1
+    with pytest.raises(ValueError, match="unknown evaluator 'nope'"):
+        make_evaluator("nope")
+    with pytest.raises(ValueError, match="workers"):
+        make_evaluator("serial", workers=2)
+    with pytest.raises(ValueError, match="option"):
+        make_evaluator("ray", workers=2, adress="x")
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -341,3 +367,82 @@ def test_importance_snapshot_render_and_profile(data):
     assert set(prof) >= {"importance_s", "surgery_s", "eval_s", "forward_s"}
     assert all(prof[k] >= 0 for k in ("importance_s", "surgery_s", "eval_s", "forward_s"))
     assert env.evaluate(action)[0] == reward_before  # profiling changed nothing
+
+
+# ----------------------------------------------------------------------------- recovery and state_dict
+def _kd_env(data, **kw) -> PruneEnv:
+    from keepgym.envs.recovery import KDRecovery
+
+    recovery = KDRecovery(epochs=1, batch_size=32, learning_rate=5e-2, teacher_swap=True, seed=4)
+    return _env(data, "resnet20", stage_sparsity=0.2, target_sparsity=0.6, batch_size=32, recovery=recovery, **kw)
+
+
+def test_step_reports_accuracy_after_recovery_and_before_it(data):
+    env = _kd_env(data)
+    env.reset(seed=1)
+    action = np.linspace(1.0, 2.0, env.num_groups)
+    _, candidate = env.evaluate(action)
+    obs, reward, _, _, info = env.step(action)
+    # the candidate score is the committed model's accuracy before recovery (masked == physical)
+    assert info["accuracy_before_recovery"] == pytest.approx(candidate["accuracy"], abs=1.5 / 40)
+    assert info["accuracy_before_finetune"] == info["accuracy_before_recovery"]
+    # obs, reward and info["accuracy"] all hold the accuracy after recovery, measured on the recovered weights
+    assert info["accuracy"] == pytest.approx(float(obs[-1])) and reward == pytest.approx(info["accuracy"])
+    record = env.recovery.stage_records[-1]
+    assert record["accuracy_before_kd"] == info["accuracy_before_recovery"] and len(record["kd_val_accuracies"]) == 1
+    assert record["widths"] == info["widths"]
+
+
+def test_finetune_steps_is_a_kd_recovery_and_both_at_once_is_refused(data):
+    from keepgym.envs.recovery import KDRecovery
+
+    env = _env(data, finetune_steps=3, finetune_lr=2e-3)
+    assert isinstance(env.recovery, KDRecovery) and env.recovery.steps == 3 and not env.recovery.teacher_swap
+    assert env.recovery.learning_rate == 2e-3
+    with pytest.raises(ValueError, match="not both"):
+        _env(data, finetune_steps=3, recovery=KDRecovery(epochs=1))
+    with pytest.raises(ValueError, match=r"\(finetune_steps\) must be an int >= 0"):
+        _env(data, finetune_steps=-1)
+
+
+def test_reset_gives_the_recovery_the_original_teacher_back(data):
+    env = _kd_env(data)
+    env.reset(seed=0)
+    env.step(np.ones(env.num_groups))
+    env.recovery._teacher = copy.deepcopy(env.model)  # force a swapped teacher whatever the tiny model's accuracies did
+    env.reset(seed=0)
+    assert env.recovery.teacher is env.original_model
+
+
+def test_state_dict_loads_with_weights_only_and_continues_bit_for_bit(data, tmp_path):
+    a = _kd_env(data)
+    a.reset(seed=3)
+    a.step(np.linspace(0.5, 1.5, a.num_groups))
+    # a swapped teacher travels too (rebuilt from its widths)
+    teacher = copy.deepcopy(a.model).eval().requires_grad_(False)
+    a.recovery._teacher, a.recovery._teacher_widths = teacher, [int(w) for w in a.group_widths]
+    torch.save(a.state_dict(), tmp_path / "env.pt")
+    state = torch.load(tmp_path / "env.pt", weights_only=True)
+    b = _kd_env(data)
+    b.reset(seed=99)
+    b.load_state_dict(state)
+    assert np.array_equal(a.group_widths, b.group_widths) and a.stage == b.stage
+    for k, v in a.recovery.teacher.state_dict().items():
+        assert torch.equal(v, b.recovery.teacher.state_dict()[k]), k
+    action = np.linspace(2.0, 1.0, a.num_groups)
+    assert a.evaluate(action) == b.evaluate(action)
+    ra, rb = a.step(action), b.step(action)
+    assert np.array_equal(ra[0], rb[0]) and ra[1] == rb[1] and ra[4]["widths"] == rb[4]["widths"]
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert a.recovery.stage_records[-1]["kd_val_accuracies"] == b.recovery.stage_records[-1]["kd_val_accuracies"]
+
+
+def test_snapshot_restore_undoes_a_step_and_its_recovery(data):
+    env = _kd_env(data)
+    env.reset(seed=2)
+    snap = env.snapshot()
+    before = (env.stage, len(env.recovery.stage_records), env.recovery.teacher)
+    env.step(np.ones(env.num_groups))
+    env.restore(snap)
+    assert (env.stage, len(env.recovery.stage_records), env.recovery.teacher) == before

@@ -187,3 +187,57 @@ def test_batched_surgery_matches_torch_pruning_group_by_group(name):
         with torch.no_grad():
             assert (model(x) - masked).abs().max().item() < 1e-4
         assert cost(pruner.widths) == count_macs_params(model, INPUT)
+
+
+def _layout(pruner: GroupPruner, placeholders: bool = True) -> list:
+    """Every group's width, layers, surgery plan, parameter slices and cost terms, layers by name.
+
+    Torch-Pruning's placeholder ops (concat, split, add, ...) belong to one graph and are not in the
+    model: they are identified by object, or left out with ``placeholders=False`` (to compare graphs).
+    """
+    names = {m: n for n, m in pruner.model.named_modules()}
+    return [
+        (
+            g.root_name,
+            g.width,
+            g.layers,
+            [
+                (h, names.get(m, id(m)), p.tolist(), c.tolist())
+                for h, m, p, c in g.surgery
+                if placeholders or m in names
+            ],
+            [(names[s.module], s.name, s.dim, s.positions.tolist(), s.channels.tolist()) for s in g.slices],
+            [(names[m], kind, per) for m, kind, per in g.shape_terms],
+        )
+        for g in pruner.groups
+    ]
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_surgery_bookkeeping_equals_torch_pruning_layout(name, monkeypatch):
+    """prune() renumbers the group layouts itself, without asking the dependency graph again.
+
+    Asking it (one ``get_pruning_group`` per group, each re-deriving every concat/reshape index
+    mapping of the model) is what made surgery slow on DenseNet; the old fix patched Torch-Pruning
+    globally. The renumbered layouts must equal what the graph gives when asked afresh, after every
+    stage, and what a graph traced from the pruned model gives.
+    """
+    model = _tiny(name)
+    pruner = _pruner(model)
+
+    def no_query(*args, **kwargs):
+        raise AssertionError("prune() queried the dependency graph")
+
+    for stage in range(3):
+        pruner.set_ranking(pruner.importance("random", generator=torch.Generator().manual_seed(stage)))
+        counts = _random_counts(pruner.widths, seed=10 + stage) // 2
+        assert counts.sum() > 0
+        with monkeypatch.context() as patch:
+            patch.setattr(pruner.graph, "get_pruning_group", no_query)
+            pruner.prune(counts)
+        kept = _layout(pruner)
+        assert all(g.order is None for g in pruner.groups)  # a new ranking is needed
+        pruner.refresh()  # the same graph, asked again (its placeholder ops were pruned along)
+        assert _layout(pruner) == kept, stage
+    fresh = _pruner(copy.deepcopy(model))
+    assert _layout(fresh, placeholders=False) == _layout(pruner, placeholders=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from keepgym.agents.ddqn import DDQN
+from keepgym.agents.patch_agents import agent_class
 from keepgym.experiments import agentvit as av
 from keepgym.experiments.cli import main
 
@@ -80,7 +81,7 @@ def test_other_agents_and_mask_mode(tmp_path, algo, mode):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algo"] == algo and summary["action_mode"] == mode
     assert 1 <= summary["agent"]["kept_patches"] <= summary["num_patches"]
-    assert av._agent_class(algo).load(str(out / "agent.zip"), device="cpu").action_space is not None
+    assert agent_class(algo).load(str(out / "agent.zip"), device="cpu").action_space is not None
     if mode == "mask":
         assert torch.load(out / "vit.pt", weights_only=True)["extra"]["agentvit"]["action_mode"] == "mask"
 
@@ -171,3 +172,19 @@ def test_benchmark_agentvit_quick(action_mode):
     assert result["speedup"] == pytest.approx(result["full_step_seconds"] / result["joint_step_seconds"])
     assert 1 <= result["kept"] < result["num_patches"] and result["action_mode"] == action_mode
     assert result["joint_vit_step_seconds"] < result["joint_step_seconds"]
+
+
+def test_eval_scalars_are_written_for_every_epoch_the_last_one_included(tmp_path):
+    from keepgym.agents.callbacks import read_tensorboard
+
+    out = tmp_path / "tb-run"
+    summary = av.train_agentvit(_tiny_config(out, epochs=3, warmup_epochs=1))
+    (run_dir,) = [p for p in (out / "tb").iterdir() if p.name.startswith("agentvit_") and p.name != "agentvit_final"]
+    acc = read_tensorboard(run_dir)
+    epochs = [e.value for e in acc.Scalars("eval/epoch")]
+    assert epochs == [2.0, 3.0]  # the two agent epochs after one warm-up epoch; 3 is the last
+    for tag in ("eval/val_accuracy_full", "eval/val_accuracy_agent", "eval/val_kept_patches"):
+        assert len(acc.Scalars(tag)) == 2, tag
+    # the final checkpoint is the last epoch's, marked finished, and loads without unpickling
+    state = torch.load(out / "checkpoint" / "0003" / "state.pt", weights_only=True)
+    assert state["finished"] and state["epoch"] == 3 and state["num_timesteps"] == 2 * summary["steps_per_epoch"]

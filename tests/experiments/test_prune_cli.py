@@ -137,6 +137,45 @@ def test_resume_after_interruption_equals_uninterrupted_run(base_checkpoint, ful
     assert sa == sb
 
 
+def test_python_and_cli_run_the_same_stages(base_checkpoint, full_run):
+    """`keepgym prune` and the same config built by hand in Python commit the same stages, bit for bit."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from keepgym.agents import RLPruner
+    from keepgym.envs.prune_env import PruneEnv
+    from keepgym.envs.recovery import KDRecovery
+
+    env = PruneEnv(
+        model_name="vgg11",
+        dataset="digits",
+        checkpoint=base_checkpoint,
+        target_sparsity=0.5,
+        stage_sparsity=0.25,
+        calibration_size=32,
+        device="cpu",
+        recovery=KDRecovery(epochs=1, learning_rate=1e-3, batch_size=128, seed=3),
+    )
+    infos = []
+
+    class Infos(BaseCallback):
+        def _on_step(self) -> bool:
+            infos.append(self.locals["info"])
+            return True
+
+    RLPruner("MlpPolicy", env, sample_num=2, rounds_per_stage=1, archive_size=2, seed=3).learn(
+        env.num_stages, callback=Infos()
+    )
+    cli = json.loads((full_run / "summary.json").read_text())["stages"]
+    python = env.recovery.stage_records
+    assert len(python) == len(cli) == 2
+    for key in ("widths", "accuracy_before_kd", "val_accuracy", "kd_val_accuracies", "reward", "teacher_swapped"):
+        assert [r[key] for r in python] == [r[key] for r in cli], key
+    # step's info says the same: accuracy after recovery, and the one before it
+    assert [i["accuracy_before_recovery"] for i in infos] == [r["accuracy_before_kd"] for r in cli]
+    assert [i["widths"] for i in infos] == [r["widths"] for r in cli]
+    assert cli[-1]["widths"] == json.loads((full_run / "summary.json").read_text())["widths"]
+
+
 def test_existing_run_folder_is_refused_without_force(base_checkpoint, full_run, capsys):
     assert main(_args(base_checkpoint, full_run)) == 2
     err = capsys.readouterr().err.strip().splitlines()
