@@ -361,6 +361,11 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
         self._last_accuracy: float | None = None
         if self.env is not None:
             self._check_vec_env()
+            if float(np.min(self.action_space.low)) < 0.0:
+                raise ValueError(
+                    f"{type(self).__name__} commits non-negative split weights; this env's actions are signed "
+                    "(action_param='log_prior', the RLPrune-*-v1 ids): use action_param='weights' (the -v0 ids)"
+                )
         if _init_setup_model:
             self._setup_model()
 

@@ -12,6 +12,10 @@ budget (KD epochs after every stage and at the end, best validation epoch kept),
 * ``tp``: Torch-Pruning's own default recipe, magnitude importance (group L2 norm, Torch-Pruning 1.6's
   ``GroupMagnitudeImportance(p=2)`` ranks a group's channels by the same sum of squares) with one
   pruning ratio for every layer (``global_pruning=False``): the ``uniform`` allocation with ``l2``;
+* ``rlpruner-racing``, ``ppo``, ``sac``, ``ppo-v0`` (not run unless asked): RL-Pruner with
+  ``--racing``; PPO and SAC on the ``log_prior`` action parameterisation (the ``-v1`` ids) and PPO on the
+  plain split weights (``-v0``), each given ``K x E`` episodes, i.e. as many evaluated allocations as
+  RL-Pruner scores candidates;
 * ``rlpruner-l2`` (not run unless asked): RL-Pruner's search with the ``l2`` criterion, which tells the
   allocation's effect apart from the criterion's.
 
@@ -67,6 +71,18 @@ METHODS: dict[str, tuple[str, str]] = {
     "global": ("global", "taylor"),
     "tp": ("uniform", "l2"),
     "rlpruner-l2": ("rlpruner", "l2"),
+    "rlpruner-racing": ("rlpruner", "taylor"),
+    "ppo": ("ppo", "taylor"),
+    "sac": ("sac", "taylor"),
+    "ppo-v0": ("ppo", "taylor"),
+}
+#: further ``keepgym prune`` settings of a method. PPO and SAC get as many committed stages in all as
+#: RL-Pruner evaluates candidates (``--episodes K x E``): equal numbers of evaluated allocations.
+METHOD_OPTIONS: dict[str, dict[str, object]] = {
+    "rlpruner-racing": {"racing": True},
+    "ppo": {"action_param": "log_prior"},
+    "sac": {"action_param": "log_prior"},
+    "ppo-v0": {"action_param": "weights"},
 }
 #: what ``--methods`` runs unless told otherwise (``rlpruner-l2`` separates allocation from criterion)
 DEFAULT_METHODS = ("rlpruner", "uniform", "global", "tp")
@@ -76,6 +92,10 @@ LABELS = {
     "global": "global (Taylor)",
     "tp": "Torch-Pruning default (L2 magnitude, uniform)",
     "rlpruner-l2": "RL-Pruner (L2 magnitude)",
+    "rlpruner-racing": "RL-Pruner (Taylor, racing)",
+    "ppo": "PPO (log-prior actions, v1)",
+    "sac": "SAC (log-prior actions, v1)",
+    "ppo-v0": "PPO (split weights, v0)",
 }
 
 #: The project's own copy of CIFAR-10 (JPEGs in ImageFolder layout), beside the repository.
@@ -232,6 +252,8 @@ def _prune(cfg: FrontierConfig, checkpoint: str, method: str, target: float, see
     from keepgym.experiments import prune
 
     algo, criterion = METHODS[method]
+    sb3 = algo in ("ppo", "sac", "a2c")
+    started = (folder / "config.json").is_file()
     return prune.compress(
         prune.PruneConfig(
             model=cfg.model,
@@ -254,8 +276,11 @@ def _prune(cfg: FrontierConfig, checkpoint: str, method: str, target: float, see
             latency_repeats=0,
             device=cfg.device,
             seed=seed,
-            resume=(folder / "config.json").is_file(),
+            resume=started and not sb3,  # an SB3 run cannot resume: it restarts
+            force=started and sb3,
+            episodes=cfg.sample_num * cfg.rounds_per_stage if sb3 else 1,
             progress=cfg.progress,
+            **METHOD_OPTIONS.get(method, {}),
         )
     )
 
@@ -336,7 +361,7 @@ def _plot(path: Path, rows: list[dict], baseline: dict, methods: tuple[str, ...]
     fig = Figure(figsize=(6.4, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    markers = dict(zip(METHODS, "osD^v", strict=True))
+    markers = dict(zip(METHODS, "osD^vP*Xp", strict=True))
     for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs_ratio_mean"])
         if not mine:

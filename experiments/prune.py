@@ -192,6 +192,8 @@ def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str | None, num_stages: int)
             sample_num=cfg.sample_num,
             rounds_per_stage=cfg.rounds_per_stage,
             archive_size=max(cfg.sample_num, 1),
+            racing=cfg.racing,
+            racing_keep=cfg.racing_keep,
             **common,
         )
     if cfg.algo in ("uniform", "global"):

@@ -15,7 +15,7 @@ from typing import Any
 
 from keepgym.envs.data import DATASETS
 from keepgym.envs.evaluators import EVALUATORS
-from keepgym.envs.prune_env import CANDIDATE_SCORINGS
+from keepgym.envs.prune_env import ACTION_PARAMS, CANDIDATE_SCORINGS
 from keepgym.envs.pruning import CRITERIA
 from keepgym.experiments.common import CliError, arg
 
@@ -91,6 +91,18 @@ class PruneConfig:
     beta: float = arg(0.0, help="reward weight of the params reduction")
     sample_num: int = arg(10, help="RL-Pruner: candidates per round (K)")
     rounds_per_stage: int = arg(10, help="RL-Pruner: rounds of K candidates per stage (E)")
+    racing: bool = arg(
+        False,
+        help="RL-Pruner: race each round's candidates over slices of the scoring images (successive halving; "
+        "about 3x fewer images scored per stage, see `keepgym bench search`)",
+    )
+    racing_keep: int = arg(2, help="--racing: candidates of a round scored on every image")
+    action_param: str | None = arg(
+        None,
+        help="how an action maps to the stage's split: weights (v0) or log_prior (v1, log-factors around the "
+        "width-proportional split) (default: log_prior for ppo/sac/a2c, weights for the others and for --env)",
+        choices=ACTION_PARAMS,
+    )
     val_size: float | None = arg(
         None, help="validation fraction (default: the split recorded in the checkpoint; 0.1 if none is)"
     )
@@ -217,6 +229,13 @@ def validate(cfg: PruneConfig) -> None:
         (cfg.calibration_size >= 1, f"--calibration-size must be >= 1, got {cfg.calibration_size}"),
         (cfg.workers >= 1, f"--workers must be >= 1, got {cfg.workers}"),
         (cfg.episodes >= 1, f"--episodes must be >= 1, got {cfg.episodes}"),
+        (cfg.racing_keep >= 1, f"--racing-keep must be >= 1, got {cfg.racing_keep}"),
+        (not cfg.racing or cfg.algo == "rlpruner", f"--racing is RL-Pruner's search; --algo {cfg.algo} has none"),
+        (not cfg.racing or cfg.backend == "serial", "--racing scores image slices: it needs --backend serial"),
+        (
+            cfg.action_param != "log_prior" or cfg.algo in SB3_ALGOS,
+            f"--action-param log_prior is for ppo/sac/a2c; --algo {cfg.algo} searches over split weights",
+        ),
         (cfg.latency_repeats >= 0, f"--latency-repeats must be >= 0, got {cfg.latency_repeats}"),
         (
             cfg.latency_threads is None or cfg.latency_threads >= 1,
@@ -278,4 +297,9 @@ def env_kwargs(cfg: PruneConfig, device: str = "cpu") -> dict[str, Any]:
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     if cfg.env is None:
         kwargs.update(model_name=cfg.model, dataset=cfg.dataset)
+    action_param = cfg.action_param
+    if action_param is None and cfg.env is None:
+        action_param = "log_prior" if cfg.algo in SB3_ALGOS else "weights"
+    if action_param is not None:
+        kwargs["action_param"] = action_param
     return kwargs

@@ -91,3 +91,24 @@ def test_random_policy_stays_near_the_prior_where_v0_does_not(data):
         worst[param] = float(np.mean(peaks))
     assert worst["log_prior"] < 4.0
     assert worst["weights"] > 1.5 * worst["log_prior"], worst
+
+
+def test_staged_pruners_refuse_signed_actions_and_the_cli_picks_per_algo(data):
+    from keepgym.agents.baselines import UniformPruner
+    from keepgym.agents.rl_pruner import RLPruner
+    from keepgym.experiments.common import CliError
+    from keepgym.experiments.prune_config import PruneConfig, env_kwargs, validate
+
+    for cls in (RLPruner, UniformPruner):
+        with pytest.raises(ValueError, match="action_param='weights'"):
+            cls("PruneDistributionPolicy", _env(data, action_param="log_prior"))
+    assert env_kwargs(PruneConfig(algo="ppo"))["action_param"] == "log_prior"
+    assert env_kwargs(PruneConfig(algo="rlpruner"))["action_param"] == "weights"
+    assert env_kwargs(PruneConfig(algo="ppo", action_param="weights"))["action_param"] == "weights"
+    assert "action_param" not in env_kwargs(PruneConfig(algo="ppo", env="RLPrune-Digits-v1"))
+    digits = {"env": "RLPrune-Digits-v0", "sparsity": 0.5}
+    validate(PruneConfig(algo="rlpruner", racing=True, **digits))
+    with pytest.raises(CliError, match="log_prior is for ppo"):
+        validate(PruneConfig(algo="rlpruner", action_param="log_prior", **digits))
+    with pytest.raises(CliError, match="--racing"):
+        validate(PruneConfig(algo="uniform", racing=True, **digits))
