@@ -752,6 +752,8 @@ class PruneEnv(gym.Env):
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stage_seed: int | None = None
         self._bn_cache: tuple[int, torch.Tensor] | None = None
+        #: (stage seed, counts bytes) -> vanilla accuracy of a candidate scored on every image this stage
+        self._scored: dict[tuple[int | None, bytes], float] = {}
         self._terminated = False
         self.macs, self.params = self.macs0, self.params0
         self.last_accuracy = 0.0
@@ -1023,7 +1025,10 @@ class PruneEnv(gym.Env):
         synchronize(self.device)
         surgery_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        acc_before = accuracy(self.model, *self._val, self.batch_size)
+        acc_before = self._scored.get((self._stage_seed, counts.tobytes()))
+        if acc_before is None:  # not scored as a candidate of this stage (or scored another way)
+            acc_before = accuracy(self.model, *self._val, self.batch_size)
+        self._scored.clear()
         eval_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         result: RecoveryResult = self.recovery.recover(self, self.stage)
@@ -1165,6 +1170,9 @@ class PruneEnv(gym.Env):
         ``info["scored_images"]`` report them.
         """
         n = self.num_scoring_images if scored_images is None else int(scored_images)
+        if n == self.num_scoring_images and self.candidate_scoring == "vanilla":
+            # what step() would measure right after the surgery (masked == physical): step reuses it
+            self._scored[(self._stage_seed, counts.tobytes())] = float(accuracy)
         widths = self.group_widths - counts
         macs, params = self._cost(widths)
         info = self._info(accuracy, macs, params, widths, times, removed=self._removed + int(counts.sum()))
@@ -1246,6 +1254,7 @@ class PruneEnv(gym.Env):
         """Return to a :meth:`snapshot` (rebuilds the dependency graph of the copied model)."""
         self.model = copy.deepcopy(snap["model"])
         self._pruner = self._make_pruner(self.model)
+        self._scored = {}
         self._pristine = snap["stage"] == 0 and snap["removed"] == 0
         self.stage, self._removed, self._terminated = snap["stage"], snap["removed"], snap["terminated"]
         self.macs, self.params, self.last_accuracy = snap["macs"], snap["params"], snap["accuracy"]

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from keepgym.agents.callbacks import EnvInfoCallback, StageCheckpointCallback, load_stage_checkpoint
+from keepgym.agents.prune_agents import make_prune_agent, prune_agent_class
 from keepgym.envs.distill import distill_epochs
 from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, main_first
 from keepgym.envs.metrics import evaluate_accuracy
@@ -168,42 +169,18 @@ def make_env(cfg: PruneConfig, device: str = "cpu", distributed: bool = False) -
         raise CliError(f"{cfg.model or cfg.env} cannot be pruned: {' '.join(str(err).split())}") from None
 
 
-def _agent_class(algo: str) -> type:
-    if algo == "rlpruner":
-        from keepgym.agents.rl_pruner import RLPruner
-
-        return RLPruner
-    if algo in ("uniform", "global"):
-        from keepgym.agents.baselines import GlobalPruner, UniformPruner
-
-        return UniformPruner if algo == "uniform" else GlobalPruner
-    import stable_baselines3 as sb3
-
-    return {"ppo": sb3.PPO, "sac": sb3.SAC, "a2c": sb3.A2C}[algo]
-
-
 def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str | None, num_stages: int) -> Any:
-    cls = _agent_class(cfg.algo)
-    common = {"tensorboard_log": tb, "seed": cfg.seed, "verbose": 0}
-    if cfg.algo == "rlpruner":
-        return cls(
-            "PruneDistributionPolicy",
-            env,
-            sample_num=cfg.sample_num,
-            rounds_per_stage=cfg.rounds_per_stage,
-            archive_size=max(cfg.sample_num, 1),
-            racing=cfg.racing,
-            racing_keep=cfg.racing_keep,
-            **common,
-        )
-    if cfg.algo in ("uniform", "global"):
-        return cls("PruneDistributionPolicy", env, **common)
-    n = max(2, num_stages)
-    if cfg.algo == "ppo":
-        return cls("MlpPolicy", env, n_steps=n, batch_size=n, n_epochs=4, device="cpu", **common)
-    if cfg.algo == "a2c":
-        return cls("MlpPolicy", env, n_steps=n, device="cpu", **common)
-    return cls("MlpPolicy", env, learning_starts=n, buffer_size=10_000, batch_size=min(64, n), device="cpu", **common)
+    return make_prune_agent(
+        cfg.algo,
+        env,
+        sample_num=cfg.sample_num,
+        rounds_per_stage=cfg.rounds_per_stage,
+        racing=cfg.racing,
+        racing_keep=cfg.racing_keep,
+        num_stages=num_stages,
+        seed=cfg.seed,
+        tensorboard_log=tb,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +197,7 @@ def _search_staged(cfg: PruneConfig, env: gym.Env, out: Path, tb: str | None, cl
     stages_dir = out / "stages"
     agent, done = None, 0
     loaded = (
-        load_stage_checkpoint(stages_dir, env, _agent_class(cfg.algo), seed=cfg.seed, tensorboard_log=tb, device="cpu")
+        load_stage_checkpoint(stages_dir, env, prune_agent_class(cfg.algo), seed=cfg.seed, tensorboard_log=tb, device="cpu")
         if cfg.resume
         else None
     )
