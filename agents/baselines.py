@@ -20,10 +20,8 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch as th
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback
 
-from keepgym.agents.rl_pruner import PruneDistributionPolicy, StagedPrunerBase, normalise_distribution
+from keepgym.agents.rl_pruner import StagedPrunerBase, normalise_distribution
 
 __all__ = ["GlobalPruner", "UniformPruner"]
 
@@ -101,28 +99,6 @@ def _global_counts(
 class _FixedRulePruner(StagedPrunerBase):
     """A staged pruner whose per-stage action follows from the env's state by a fixed rule."""
 
-    def __init__(
-        self,
-        policy: str | type[PruneDistributionPolicy] = "PruneDistributionPolicy",
-        env: GymEnv | str | None = None,
-        image_log_interval: int = 1,
-        tensorboard_log: str | None = None,
-        seed: int | None = None,
-        device: th.device | str = "auto",
-        verbose: int = 0,
-        _init_setup_model: bool = True,
-    ) -> None:
-        super().__init__(
-            policy,
-            env,
-            image_log_interval=image_log_interval,
-            tensorboard_log=tensorboard_log,
-            seed=seed,
-            device=device,
-            verbose=verbose,
-            _init_setup_model=_init_setup_model,
-        )
-
     def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -138,33 +114,12 @@ class _FixedRulePruner(StagedPrunerBase):
 class UniformPruner(_FixedRulePruner):
     """Uniform baseline: each prunable group gives the same fraction of its current width per stage.
 
-    Args:
-        policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
-        env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
-        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never; ~0.1 s each).
-        tensorboard_log: TensorBoard log folder (None: no TensorBoard).
-        seed: Seed of SB3's global RNGs and of the env's first reset.
-        device: Accepted for SB3 compatibility.
-        verbose: 0 silent, 1 prints the logger's table every dump.
-        _init_setup_model: Build the policy now (False is used by ``load``).
+    Arguments: those of :class:`keepgym.agents.rl_pruner.StagedPrunerBase` (no hyperparameters of its own).
     """
 
     def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
         # Budget split proportionally to the widths = the same fraction from every group.
         return np.where(mask, np.asarray(raw.group_widths, dtype=np.float64), 0.0)
-
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "UniformPruner",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> UniformPruner:
-        return super().learn(
-            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
-        )
 
 
 class GlobalPruner(_FixedRulePruner):
@@ -174,15 +129,7 @@ class GlobalPruner(_FixedRulePruner):
     normalised within each group) and ``stage_budget`` (else ``stage_sparsity``); respects the env's
     ``min_channels`` if it has one (default 1).
 
-    Args:
-        policy: ``"PruneDistributionPolicy"`` (holds the last committed distribution for ``predict``).
-        env: A ``PruneEnv``-like env (single env, see :class:`keepgym.agents.rl_pruner.RLPruner`).
-        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never; ~0.1 s each).
-        tensorboard_log: TensorBoard log folder (None: no TensorBoard).
-        seed: Seed of SB3's global RNGs and of the env's first reset.
-        device: Accepted for SB3 compatibility.
-        verbose: 0 silent, 1 prints the logger's table every dump.
-        _init_setup_model: Build the policy now (False is used by ``load``).
+    Arguments: those of :class:`keepgym.agents.rl_pruner.StagedPrunerBase` (no hyperparameters of its own).
     """
 
     def _rule(self, raw: Any, mask: np.ndarray) -> np.ndarray:
@@ -200,16 +147,3 @@ class GlobalPruner(_FixedRulePruner):
             logger.warning("global ranking selected no channel; falling back to a uniform split")
             return mask.astype(np.float64)
         return counts.astype(np.float64)
-
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "GlobalPruner",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> GlobalPruner:
-        return super().learn(
-            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
-        )

@@ -648,12 +648,24 @@ class PatchEpochCallback(BaseCallback):
 CHECKPOINT_STATE_FILE = "state.pt"
 
 
+class _FolderCheckpointCallback(BaseCallback):
+    """Numbered checkpoint folders under ``path``, the newest ``keep_last`` kept; ``save=False`` writes none."""
+
+    def __init__(self, path: str | Path, keep_last: int, save: bool, verbose: int) -> None:
+        super().__init__(verbose)
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.path = Path(path)
+        self.keep_last = int(keep_last)
+        self.save = bool(save)
+
+
 def _completed_epochs(core: Any) -> int:
     """Epochs of the env's run completed so far (warm-up included), between two steps."""
     return core.epoch if core.epoch_step < core.steps_per_epoch else core.epoch + 1
 
 
-class EpochCheckpointCallback(BaseCallback):
+class EpochCheckpointCallback(_FolderCheckpointCallback):
     """Checkpoint (and score) a ``PatchSelectEnv`` run at the end of every epoch, for an exact resume.
 
     At the first rollout start after an epoch ended (after the epoch's last transition is stored and
@@ -697,13 +709,8 @@ class EpochCheckpointCallback(BaseCallback):
         write_extra: Callable[[Path, int], None] | None = None,
         verbose: int = 0,
     ) -> None:
-        super().__init__(verbose)
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.path = Path(path)
-        self.keep_last = int(keep_last)
+        super().__init__(path, keep_last, save, verbose)
         self.evaluate = bool(evaluate)
-        self.save = bool(save)
         self.write_extra = write_extra
         self.last_epoch: int | None = None  # epoch of the newest checkpoint written
         self.last_checkpoint: Path | None = None
@@ -823,7 +830,7 @@ def load_epoch_checkpoint(
     return agent, state
 
 
-class StageCheckpointCallback(BaseCallback):
+class StageCheckpointCallback(_FolderCheckpointCallback):
     """Writes ``<path>/NNN/`` after every committed stage of a ``PruneEnv`` run (one timestep = one stage).
 
     Each folder holds ``state.pt`` (``env.unwrapped.state_dict()``: pruned model, counters, ranking, RNG and
@@ -854,14 +861,9 @@ class StageCheckpointCallback(BaseCallback):
         save: bool = True,
         verbose: int = 0,
     ) -> None:
-        super().__init__(verbose)
-        if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.path = Path(path)
-        self.keep_last = int(keep_last)
+        super().__init__(path, keep_last, save, verbose)
         self.extra_state = extra_state
         self.on_checkpoint = on_checkpoint
-        self.save = bool(save)
 
     def _raw_env(self) -> Any:
         venv = self.training_env.unwrapped if hasattr(self.training_env, "unwrapped") else self.training_env

@@ -138,17 +138,14 @@ class BranchingQNetwork(BasePolicy):
         return self(observation).argmax(dim=-1)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(
-            dict(
-                net_arch=self.net_arch,
-                features_dim=self.features_dim,
-                activation_fn=self.activation_fn,
-                dueling=self.dueling,
-                features_extractor=self.features_extractor,
-            )
-        )
-        return data
+        return {
+            **super()._get_constructor_parameters(),
+            "net_arch": self.net_arch,
+            "features_dim": self.features_dim,
+            "activation_fn": self.activation_fn,
+            "dueling": self.dueling,
+            "features_extractor": self.features_extractor,
+        }
 
 
 class BranchingQPolicy(DQNPolicy):
@@ -295,17 +292,14 @@ class PatchQPolicy(BasePolicy):
         self.training = mode
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(
-            dict(
-                net_arch=self.net_arch,
-                activation_fn=self.activation_fn,
-                lr_schedule=self._dummy_schedule,
-                optimizer_class=self.optimizer_class,
-                optimizer_kwargs=self.optimizer_kwargs,
-            )
-        )
-        return data
+        return {
+            **super()._get_constructor_parameters(),
+            "net_arch": self.net_arch,
+            "activation_fn": self.activation_fn,
+            "lr_schedule": self._dummy_schedule,
+            "optimizer_class": self.optimizer_class,
+            "optimizer_kwargs": self.optimizer_kwargs,
+        }
 
 
 class PatchReplaySamples(NamedTuple):
@@ -803,16 +797,20 @@ class DDQN(SafeSaveMixin, OffPolicyAlgorithm):
             loss = F.smooth_l1_loss(current_q, target_q)
             losses.append(loss.item())
             q_means.append(current_q.mean().item())
-
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-
-            self._n_updates += 1
+            self._optimize(loss)
             if self.target_update_unit == "update" and self._n_updates % self.target_update_interval == 0:
                 self._update_target()
+        self._record_train(losses, q_means)
 
+    def _optimize(self, loss: th.Tensor) -> None:
+        """One optimiser step on ``loss``, gradients clipped to ``max_grad_norm``; counts the update."""
+        self.policy.optimizer.zero_grad()
+        loss.backward()
+        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        self.policy.optimizer.step()
+        self._n_updates += 1
+
+    def _record_train(self, losses: list[float], q_means: list[float]) -> None:
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/loss", float(np.mean(losses)))
         self.logger.record("train/q_mean", float(np.mean(q_means)))
@@ -839,14 +837,8 @@ class DDQN(SafeSaveMixin, OffPolicyAlgorithm):
             loss = F.smooth_l1_loss(current_q, data.rewards)
             losses.append(loss.item())
             q_means.append(current_q.mean().item())
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-            self._n_updates += 1
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/loss", float(np.mean(losses)))
-        self.logger.record("train/q_mean", float(np.mean(q_means)))
+            self._optimize(loss)
+        self._record_train(losses, q_means)
 
     def learn(
         self: SelfDDQN,

@@ -1,7 +1,8 @@
 """The pruning agents by name: one place that maps ``--algo`` to an agent class and its settings.
 
 * ``rlpruner``: :class:`keepgym.agents.rl_pruner.RLPruner` (search, then commit, one stage per timestep).
-* ``uniform``, ``global``: :class:`keepgym.agents.baselines.UniformPruner`, :class:`~keepgym.agents.baselines.GlobalPruner`.
+* ``uniform``, ``global``: :class:`~keepgym.agents.baselines.UniformPruner`,
+  :class:`~keepgym.agents.baselines.GlobalPruner`.
 * ``ppo``, ``sac``, ``a2c``: plain Stable-Baselines3 algorithms on the same env (``"MlpPolicy"``), with rollouts
   and batches sized to one episode of ``num_stages`` stages.
 

@@ -319,6 +319,17 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
 
     Subclasses implement :meth:`_plan_stage` (which action to commit, and what to log about the
     search); this class owns env access, the ``learn`` loop, callbacks, logging and save/load.
+
+    Args:
+        policy: ``"PruneDistributionPolicy"`` (holds the distribution ``predict`` returns; ``"MlpPolicy"`` is
+            an alias of it).
+        env: A ``PruneEnv``-like env (single env, see :class:`RLPruner`).
+        image_log_interval: Log a bar-chart image of the distribution every this many stages (0: never; ~0.1 s each).
+        tensorboard_log: TensorBoard log folder (None: no TensorBoard).
+        seed: Seed of SB3's global RNGs and of the env's first reset.
+        device: Accepted for SB3 compatibility.
+        verbose: 0 silent, 1 prints the logger's table every dump.
+        _init_setup_model: Build the policy now (False is used by ``load``).
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -330,8 +341,8 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
 
     def __init__(
         self,
-        policy: str | type[PruneDistributionPolicy],
-        env: GymEnv | str | None,
+        policy: str | type[PruneDistributionPolicy] = "PruneDistributionPolicy",
+        env: GymEnv | str | None = None,
         *,
         image_log_interval: int = 1,
         tensorboard_log: str | None = None,
@@ -457,7 +468,7 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
         total_timesteps: int,
         callback: MaybeCallback = None,
         log_interval: int = 1,
-        tb_log_name: str = "RLPruner",
+        tb_log_name: str | None = None,
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfStagedPruner:
@@ -469,7 +480,8 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
                 (``pi``, RNG, history) was updated, so a checkpoint callback can save a resumable agent.
                 Returning False stops learning.
             log_interval: Dump the logger every ``log_interval`` stages.
-            tb_log_name: Name of the TensorBoard run (``<tensorboard_log>/<tb_log_name>_<n>``).
+            tb_log_name: Name of the TensorBoard run (``<tensorboard_log>/<tb_log_name>_<n>``; default: the
+                class name, e.g. ``RLPruner``).
             reset_num_timesteps: Start the timestep count (and the env) afresh. False continues the current
                 episode, e.g. after ``load(path, env, force_reset=False)`` to resume a run.
             progress_bar: Show a progress bar over stages (count, rate, ETA), as SB3's ``progress_bar``.
@@ -479,6 +491,7 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
         """
         if progress_bar:  # SB3's bar, but naming what it counts (stages) and the algorithm
             callback = with_progress_bar(callback, desc=type(self).__name__, unit="stage")
+        tb_log_name = type(self).__name__ if tb_log_name is None else tb_log_name
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name)
         raw = self._raw_env()
         callback.on_training_start(locals(), globals())
@@ -886,16 +899,22 @@ class RLPruner(StagedPrunerBase):
         alive = list(range(len(batch)))
         correct = np.zeros(len(batch), dtype=np.int64)
         seen = np.zeros(len(batch), dtype=np.int64)
+        loss = np.zeros(len(batch), dtype=np.float64)  # summed cross-entropy: breaks accuracy ties
         last: dict[int, tuple[float, dict[str, Any]]] = {}
         images_scored = 0
         for images, keep in self.racing_slices(len(batch), n):
-            if len(alive) > keep:  # rank by the reward on every image seen so far; ties keep the earlier one
-                order = sorted(alive, key=lambda i: -self._partial_reward(last[i], correct[i], seen[i]))
-                alive = sorted(order[:keep])
+            if len(alive) > keep:
+                # rank by the reward on every image seen so far; on a few images many candidates tie on
+                # accuracy, and the mean cross-entropy on the same images separates them
+                def rank(i: int) -> tuple[float, float]:
+                    return (-self._partial_reward(last[i], correct[i], seen[i]), loss[i] / max(int(seen[i]), 1))
+
+                alive = sorted(sorted(alive, key=rank)[:keep])
             results = raw.evaluate_many([batch[i] for i in alive], images=images)
             for i, (reward, info) in zip(alive, results, strict=True):
                 correct[i] += int(info["correct"])
                 seen[i] += int(info["scored_images"])
+                loss[i] += float(info.get("loss", 0.0)) * int(info["scored_images"])
                 images_scored += int(info["scored_images"])
                 last[i] = (float(reward), dict(info))
         candidates = []
@@ -1044,18 +1063,3 @@ class RLPruner(StagedPrunerBase):
         if accuracy is None:
             return False
         return float(accuracy) < (1.0 - self.collapse_threshold) * self._last_accuracy
-
-    # -- SB3 surface ----------------------------------------------------------------------------------
-
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "RLPruner",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> RLPruner:
-        return super().learn(
-            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
-        )

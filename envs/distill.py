@@ -20,20 +20,24 @@ statistics are copied to every rank at the end: all ranks leave with the same st
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from keepgym.envs.data import BatchLoader, DatasetSplits
+from keepgym.envs.data import DatasetSplits
 from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
+from keepgym.envs.trainer import train_loader
 
-__all__ = ["DistillStats", "distill", "distill_epochs", "kd_loss", "kd_seed"]
+__all__ = ["DistillStats", "distill", "distill_epochs", "distill_epochs_checkpointed", "kd_loss", "kd_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +102,8 @@ def _batches(
     """
     if isinstance(source, DatasetSplits):
         drop_last = len(source.train_y) > batch_size
-        source = BatchLoader(
-            source.train_x,
-            source.train_y,
-            source,
-            batch_size,
-            shuffle=True,
-            augment=augment,
-            drop_last=drop_last,
-            device=device,
-            generator=generator,
+        source = train_loader(
+            source, batch_size, augment=augment, drop_last=drop_last, device=device, generator=generator
         )
         if distributed:
             import torch.distributed as dist
@@ -194,117 +190,78 @@ def distill(
         if seed is not None:
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
-        return _run(
-            student,
-            teacher,
-            loader_or_data,
-            steps,
-            temperature,
-            kd_weight,
-            learning_rate,
-            min_learning_rate,
-            momentum,
-            weight_decay,
-            batch_size,
-            augment,
-            device,
-            generator,
-            guard_interval,
-            start,
-            distributed,
+        optimizer = torch.optim.SGD(
+            student.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay
         )
+        good_state = copy.deepcopy(student.state_dict())
+        good_step = 0
+        teacher.eval()
+        student.train()
+        batches = _batches(loader_or_data, batch_size, device, generator, augment, distributed)
+        net = student  # what the training forward pass calls
+        world = 1
+        if distributed:
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel
 
-
-def _run(
-    student,
-    teacher,
-    source,
-    steps,
-    temperature,
-    kd_weight,
-    lr,
-    min_lr,
-    momentum,
-    weight_decay,
-    batch_size,
-    augment,
-    device,
-    generator,
-    guard_interval,
-    start,
-    distributed=False,
-) -> DistillStats:
-    optimizer = torch.optim.SGD(student.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    good_state = copy.deepcopy(student.state_dict())
-    good_step = 0
-    teacher.eval()
-    student.train()
-    batches = _batches(source, batch_size, device, generator, augment, distributed)
-    net = student  # what the training forward pass calls
-    world = 1
-    if distributed:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
-
-        world = dist.get_world_size()
-        # DDP copies rank 0's weights to every rank here and averages the gradients in backward()
-        net = DistributedDataParallel(student, device_ids=[device.index or 0] if device.type == "cuda" else None)
-    total, last, done, current_lr = 0.0, math.nan, 0, lr
-    diverged = False
-    try:
-        for step in range(steps):
-            # cosine decay from lr (first step) to min_lr (last step)
-            frac = step / max(1, steps - 1)
-            current_lr = min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            x, y = next(batches)
-            with torch.no_grad():
-                t_logits = teacher(x)
-            loss = kd_loss(net(x), t_logits, y, temperature, kd_weight)
-            # the global-batch loss: every rank takes the same NaN decision (no rank left waiting)
-            global_loss = all_reduce_sum(loss.detach().clone()) / world if distributed else loss.detach()
-            if not torch.isfinite(global_loss):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(global_loss)
-            total += value
-            last = value
-            done = step + 1
-            if done % guard_interval == 0:
-                if all(torch.isfinite(p).all() for p in student.parameters()):
-                    good_state = copy.deepcopy(student.state_dict())
-                    good_step = done
-                else:
+            world = dist.get_world_size()
+            # DDP copies rank 0's weights to every rank here and averages the gradients in backward()
+            net = DistributedDataParallel(student, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        total, last, done, current_lr = 0.0, math.nan, 0, learning_rate
+        diverged = False
+        try:
+            for step in range(steps):
+                # cosine decay from learning_rate (first step) to min_learning_rate (last step)
+                current_lr = _cosine(learning_rate, min_learning_rate, step / max(1, steps - 1))
+                for group in optimizer.param_groups:
+                    group["lr"] = current_lr
+                x, y = next(batches)
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                loss = kd_loss(net(x), t_logits, y, temperature, kd_weight)
+                # the global-batch loss: every rank takes the same NaN decision (no rank left waiting)
+                global_loss = all_reduce_sum(loss.detach().clone()) / world if distributed else loss.detach()
+                if not torch.isfinite(global_loss):
                     diverged = True
                     break
-        if not diverged and not all(torch.isfinite(p).all() for p in student.parameters()):
-            diverged = True
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        student.eval()
-        del net  # drop DDP's gradient hooks: later backward passes (Taylor importance) stay local
-    if distributed:
-        broadcast_buffers(student)  # each rank's BN statistics saw only its slice; keep rank 0's
-    if diverged:
-        student.load_state_dict(good_state)
-        logger.warning(
-            "distill: non-finite loss or weights after %d steps; restored the weights of step %d",
-            done,
-            good_step,
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                value = float(global_loss)
+                total += value
+                last = value
+                done = step + 1
+                if done % guard_interval == 0:
+                    if all(torch.isfinite(p).all() for p in student.parameters()):
+                        good_state = copy.deepcopy(student.state_dict())
+                        good_step = done
+                    else:
+                        diverged = True
+                        break
+            if not diverged and not all(torch.isfinite(p).all() for p in student.parameters()):
+                diverged = True
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            student.eval()
+            del net  # drop DDP's gradient hooks: later backward passes (Taylor importance) stay local
+        if distributed:
+            broadcast_buffers(student)  # each rank's BN statistics saw only its slice; keep rank 0's
+        if diverged:
+            student.load_state_dict(good_state)
+            logger.warning(
+                "distill: non-finite loss or weights after %d steps; restored the weights of step %d",
+                done,
+                good_step,
+            )
+        return DistillStats(
+            steps=done,
+            mean_loss=total / done if done else math.nan,
+            last_loss=last,
+            learning_rate=current_lr,
+            diverged=diverged,
+            restored_step=good_step if diverged else None,
+            seconds=time.perf_counter() - start,
         )
-    return DistillStats(
-        steps=done,
-        mean_loss=total / done if done else math.nan,
-        last_loss=last,
-        learning_rate=current_lr,
-        diverged=diverged,
-        restored_step=good_step if diverged else None,
-        seconds=time.perf_counter() - start,
-    )
 
 
 def kd_seed(seed: int, stage: int, epoch: int) -> int:
@@ -391,3 +348,93 @@ def distill_epochs(
         return acc, records
     student.load_state_dict(best_state)
     return best_acc, records
+
+
+def distill_epochs_checkpointed(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: DatasetSplits,
+    epochs: int,
+    folder: str | Path,
+    *,
+    evaluate: Callable[[nn.Module], float],
+    seed: int,
+    stage: int = 10_000,
+    learning_rate: float = 1e-3,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    save: bool = True,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    on_resume: Callable[[dict[str, Any]], None] | None = None,
+    distributed: bool = False,
+) -> tuple[nn.Module, list[dict]]:
+    """:func:`distill_epochs` with a checkpoint in ``folder`` after every epoch, resumed from it if there is one.
+
+    ``folder`` holds ``model.pt`` (the student), ``best.pt`` (its best weights so far, both
+    :func:`keepgym.models.save_model`) and ``state.pt`` (``epoch``, ``best_val``, the global RNG states,
+    the records so far and ``extra_state()``; ``torch.load(weights_only=True)``), written atomically. A run
+    resumed from it ends bit-identical to one that was not interrupted. ``save=False`` (data-parallel ranks
+    other than 0) writes nothing; ``on_resume(state)`` is called with the state resumed from (e.g. to read
+    back what ``extra_state`` saved).
+
+    Returns:
+        ``(student, records of every epoch)``; the student is a new module when the run was resumed, and
+        holds its best epoch's weights.
+    """
+    from keepgym.models import load_model, save_model
+    from keepgym.models.checkpoints import global_rng_state, set_global_rng_state, write_dir_atomically
+    from keepgym.models.serialization import ModelLoadError, atomic_save
+
+    folder, state_file = Path(folder), Path(folder) / "state.pt"
+    start_epoch, best_acc, best_state = 0, evaluate(student), copy.deepcopy(student.state_dict())
+    done: list[dict] = []
+    if state_file.exists():
+        try:
+            resumed = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError, zip errors, ...
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise ModelLoadError(f"{state_file}: not a readable checkpoint state: {reason}") from None
+        start_epoch, best_acc = int(resumed["epoch"]) + 1, float(resumed["best_val"])
+        done = json.loads(resumed["records_json"])
+        student = load_model(folder / "model.pt").to(device)
+        best_state = load_model(folder / "best.pt").to(device).state_dict()
+        set_global_rng_state(resumed["rng"])
+        if on_resume is not None:
+            on_resume(resumed)
+
+    def on_epoch(epoch: int, best_val: float, state: dict, records: list[dict]) -> None:
+        def write(tmp: Path) -> None:
+            save_model(student, tmp / "model.pt", epoch=epoch)
+            best_model = copy.deepcopy(student)
+            best_model.load_state_dict(state)
+            save_model(best_model, tmp / "best.pt", epoch=epoch)
+            extra = extra_state() if extra_state is not None else {}
+            blob = json.dumps(done + records, default=float)
+            atomic_save(
+                {"epoch": epoch, "best_val": best_val, "rng": global_rng_state(), **extra, "records_json": blob},
+                tmp / "state.pt",
+            )
+
+        if save:
+            write_dir_atomically(folder, write)
+
+    if start_epoch >= epochs:
+        student.load_state_dict(best_state)
+        return student, done
+    _, records = distill_epochs(
+        student,
+        teacher,
+        data,
+        epochs,
+        evaluate=evaluate,
+        seed=seed,
+        stage=stage,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        device=device,
+        start_epoch=start_epoch,
+        best=(best_acc, best_state),
+        on_epoch=on_epoch,
+        distributed=distributed,
+    )
+    return student, done + records

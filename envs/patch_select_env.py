@@ -34,6 +34,7 @@ from gymnasium import spaces
 from keepgym.envs.data import BatchLoader, DatasetSplits, load_dataset
 from keepgym.envs.distributed import all_reduce_sum, main_first
 from keepgym.envs.metrics import synchronize
+from keepgym.envs.trainer import train_loader
 from keepgym.models import create_model, save_model
 from keepgym.models.vit import ViT, select_random_k, select_topk, vit_cifar
 from keepgym.models.vit_adapter import adapt_vit
@@ -390,16 +391,7 @@ class PatchSelectEnv(gym.Env):
             self.observation_space = spaces.Box(low=low, high=high, shape=(n,), dtype=np.float32)
         self._positions = _positions(math.isqrt(n)).to(self.device)
 
-        self._loader = BatchLoader(
-            data.train_x,
-            data.train_y,
-            data,
-            batch_size,
-            shuffle=True,
-            augment=augment,
-            drop_last=True,
-            device=self.device,
-        )
+        self._loader = train_loader(data, batch_size, augment=augment, drop_last=True, device=self.device)
         # A ViT exists from the start (seed 0) so `vit`, `evaluate` and `save` work before any reset;
         # the first reset always starts a fresh run.
         self.distributed = bool(distributed)

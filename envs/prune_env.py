@@ -31,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from gymnasium import spaces
 
 from keepgym.envs.data import DATASETS, DatasetNotFoundError, DatasetSplits, load_dataset
@@ -155,6 +156,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         logits = model(x[start : start + batch_size])
         correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
     return correct / max(1, len(y))
+
+
+@torch.no_grad()
+def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (eval mode) on normalised ``x``."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        yb = y[start : start + batch_size]
+        correct += int((logits.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+    n = max(1, len(y))
+    return correct / n, loss / n
 
 
 @contextlib.contextmanager
@@ -943,14 +958,21 @@ class PruneEnv(gym.Env):
             self._bn_cache = (self._stage_seed, self.data.normalize(self.data.train_x[idx].to(self.device)))
         return self._bn_cache[1]
 
-    def _score(self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        """Accuracy of the masked candidate ``counts`` under :attr:`candidate_scoring` on ``val`` (default: all)."""
+    def _score(
+        self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None, with_loss: bool = False
+    ) -> tuple[float, float]:
+        """Accuracy (and mean cross-entropy, else NaN) of the masked candidate ``counts`` under
+        :attr:`candidate_scoring` on ``val`` (default: all scoring images)."""
         bn_x = self.bn_calibration_batch()
+        x, y = self._val if val is None else val
         with self._pruner.masked(counts):
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
-                acc = accuracy(self.model, *(self._val if val is None else val), self.batch_size)
+                if with_loss:
+                    acc, loss = accuracy_and_loss(self.model, x, y, self.batch_size)
+                else:
+                    acc, loss = accuracy(self.model, x, y, self.batch_size), float("nan")
             synchronize(self.device)
-        return acc
+        return acc, loss
 
     def stage_importance(self) -> list[np.ndarray]:
         """Per-channel importance of every group for this stage, each divided by its group's mean.
@@ -1104,10 +1126,13 @@ class PruneEnv(gym.Env):
             if len(idx) == 0:
                 raise ValueError(f"images {images} selects none of the {len(val[1])} scoring images")
             val = (val[0][idx], val[1][idx])
-        acc = self._score(counts, val)
+        acc, loss = self._score(counts, val, with_loss=images is not None)
         eval_s = time.perf_counter() - t0
         times = WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0)
-        return self.candidate_result(counts, acc, times, scored_images=len(val[1]))
+        reward, info = self.candidate_result(counts, acc, times, scored_images=len(val[1]))
+        if images is not None:
+            info["loss"] = loss  # mean cross-entropy on the slice: racing breaks accuracy ties with it
+        return reward, info
 
     @property
     def num_scoring_images(self) -> int:

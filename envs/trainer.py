@@ -29,7 +29,7 @@ from keepgym.envs.data import BatchLoader, DatasetSplits
 from keepgym.envs.distributed import ShardedLoader, all_reduce_sum, broadcast_buffers
 from keepgym.envs.metrics import evaluate_accuracy
 
-__all__ = ["Trainer", "EpochStats"]
+__all__ = ["Trainer", "EpochStats", "train_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,29 @@ logger = logging.getLogger(__name__)
 # restore points; on CPU a sync is free, so it checks every step.
 _CUDA_CHECK_EVERY = 10
 
+
+
+def train_loader(
+    data: DatasetSplits,
+    batch_size: int,
+    *,
+    augment: bool,
+    drop_last: bool,
+    device: str | torch.device,
+    generator: torch.Generator | None = None,
+) -> BatchLoader:
+    """Shuffled batches of ``data``'s train split (augmented with ``augment``), normalised as ``data`` says."""
+    return BatchLoader(
+        data.train_x,
+        data.train_y,
+        data,
+        batch_size,
+        shuffle=True,
+        augment=augment,
+        drop_last=drop_last,
+        device=device,
+        generator=generator,
+    )
 
 @dataclass
 class EpochStats:
@@ -115,15 +138,8 @@ class Trainer:
         self.epochs = epochs
         self.label_smoothing = label_smoothing
         self.generator = torch.Generator().manual_seed(seed)
-        self.loader: BatchLoader | ShardedLoader = BatchLoader(
-            data.train_x,
-            data.train_y,
-            data,
-            batch_size,
-            shuffle=True,
-            augment=augment,
-            drop_last=len(data.train_y) > batch_size,
-            device=self.device,
+        self.loader: BatchLoader | ShardedLoader = train_loader(
+            data, batch_size, augment=augment, drop_last=len(data.train_y) > batch_size, device=self.device,
             generator=self.generator,
         )
         self.distributed = bool(distributed)

@@ -21,12 +21,13 @@ machine description, the command line that produced it and the raw timings.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ BENCHMARKS = ("data", "prune-step", "vit", "prune", "agentvit")
 EXTRA_BENCHMARKS = ("ray", "score-fidelity", "search")  # optional extra / needs a trained model; not in "all"
 
 
-@dataclass
+@dataclasses.dataclass
 class BenchConfig:
     """Settings of ``keepgym bench``."""
 
@@ -128,32 +129,7 @@ def add_arguments(parser) -> None:
 
 
 def config_from_args(args) -> BenchConfig:
-    return BenchConfig(
-        which=args.which,
-        out=args.out,
-        device=args.device,
-        quick=args.quick,
-        repeats=args.repeats,
-        threads=args.threads,
-        model=args.model,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        checkpoint=args.checkpoint,
-        image_size=args.image_size,
-        candidates=args.candidates,
-        stage_macs=args.stage_macs,
-        kd_steps=args.kd_steps,
-        eval_size=args.eval_size,
-        seed=args.seed,
-        stages=args.stages,
-        stage_sparsity=args.stage_sparsity,
-        sample_num=args.sample_num,
-        rounds_per_stage=args.rounds_per_stage,
-        racing_eta=args.racing_eta,
-        racing_keep=args.racing_keep,
-        candidate_scoring=args.candidate_scoring,
-        compare_exhaustive=args.compare_exhaustive,
-    )
+    return BenchConfig(**{field.name: getattr(args, field.name) for field in dataclasses.fields(BenchConfig)})
 
 
 def _median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -211,16 +187,13 @@ def bench_data(device: str = "cpu", quick: bool = False, repeats: int = 5) -> di
     }
 
 
-def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
-    """``PruneEnv.evaluate`` on VGG-19 (width 1.0, 1,000 validation images; quick: width 0.25, 200)."""
-    import numpy as np
-
+def _vgg19_env(width: float, images: int, device: str, **env_kwargs) -> Any:
+    """A ``PruneEnv`` on a random VGG-19 at ``width`` over synthetic 32x32 data of 100 classes."""
     from keepgym.envs.data import load_dataset
-    from keepgym.envs.prune_env import PruneEnv, profile_evaluate
+    from keepgym.envs.prune_env import PruneEnv
 
-    width, images = (0.25, 200) if quick else (1.0, 1000)
     data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
-    env = PruneEnv(
+    return PruneEnv(
         model_name="vgg19",
         dataset="synthetic",
         data=data,
@@ -228,7 +201,18 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
         width_mult=width,
         calibration_size=128,
         device=device,
+        **env_kwargs,
     )
+
+
+def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
+    """``PruneEnv.evaluate`` on VGG-19 (width 1.0, 1,000 validation images; quick: width 0.25, 200)."""
+    import numpy as np
+
+    from keepgym.envs.prune_env import profile_evaluate
+
+    width, images = (0.25, 200) if quick else (1.0, 1000)
+    env = _vgg19_env(width, images, device)
     env.reset(seed=0)
     action = np.ones(env.action_space.shape, dtype=np.float32)
     timings = profile_evaluate(env, action, repeats=repeats)
@@ -263,22 +247,9 @@ def _bench_prune(device: str, quick: bool, repeats: int) -> dict:
     import numpy as np
 
     from keepgym.agents import RLPruner
-    from keepgym.envs.data import load_dataset
-    from keepgym.envs.prune_env import PruneEnv
 
     width, images = (0.25, 200) if quick else (1.0, 1000)
-    data = load_dataset("synthetic", num_classes=100, train_size=images * 2, val_size=images)
-    env = PruneEnv(
-        model_name="vgg19",
-        dataset="synthetic",
-        data=data,
-        pretrained=False,
-        width_mult=width,
-        target_sparsity=0.6,
-        stage_sparsity=0.01,
-        calibration_size=128,
-        device=device,
-    )
+    env = _vgg19_env(width, images, device, target_sparsity=0.6, stage_sparsity=0.01)
     agent = RLPruner("MlpPolicy", env, sample_num=2, rounds_per_stage=2, seed=0)
     t = time.perf_counter()
     agent.learn(1)
@@ -317,77 +288,6 @@ def _bench_ray(device: str, quick: bool, repeats: int) -> dict:
     return {"benchmark": "ray", **benchmark_ray_search(workers=2, candidates=8 if quick else 20, quick=quick)}
 
 
-def _bench_score_fidelity(cfg: BenchConfig, device: str, out: Path) -> dict:
-    from keepgym.experiments.score_fidelity import plot_score_fidelity, score_fidelity
-
-    if cfg.candidates < 3:
-        raise CliError(f"--candidates must be >= 3 (a rank correlation), got {cfg.candidates}")
-    if not 0.0 < cfg.stage_macs < 1.0:
-        raise CliError(f"--stage-macs must be in (0, 1), got {cfg.stage_macs}")
-    if cfg.kd_steps < 0:
-        raise CliError(f"--kd-steps must be >= 0, got {cfg.kd_steps}")
-    if cfg.quick:  # plumbing only: a random tiny model on synthetic data, 4 candidates, 2 KD steps
-        from keepgym.envs.data import load_dataset
-
-        data = load_dataset("synthetic", train_size=160, val_size=48, test_size=32, num_classes=4, image_size=16)
-        result = score_fidelity(
-            "vgg11", "synthetic", data=data, pretrained=False, width_mult=0.125, candidates=4, kd_steps=2,
-            bn_calibration_size=32, batch_size=32, seed=cfg.seed, device=device,
-        )
-    else:
-        if cfg.checkpoint is None:
-            raise CliError("score-fidelity needs a trained model: --checkpoint PATH (or --quick for a smoke run)")
-        if not Path(cfg.checkpoint).expanduser().is_file():
-            raise CliError(f"--checkpoint {cfg.checkpoint} does not exist")
-        try:
-            result = score_fidelity(
-                cfg.model, cfg.dataset, data_root=cfg.data_root, checkpoint=cfg.checkpoint,
-                image_size=cfg.image_size, candidates=cfg.candidates, stage_macs=cfg.stage_macs,
-                kd_steps=cfg.kd_steps, eval_size=cfg.eval_size, seed=cfg.seed, device=device,
-            )
-        except (ValueError, FileNotFoundError) as err:  # the env's checks of the model, data and sizes
-            raise CliError(f"score-fidelity: {err}".splitlines()[0]) from None
-    result["plot"] = str(plot_score_fidelity(result, out / "score-fidelity.png"))
-    return result
-
-
-def _bench_search(cfg: BenchConfig, device: str) -> dict:
-    from keepgym.experiments.search_bench import search_benchmark
-
-    for flag, value, low in (("--stages", cfg.stages, 1), ("--sample-num", cfg.sample_num, 1),
-                             ("--rounds-per-stage", cfg.rounds_per_stage, 1), ("--racing-eta", cfg.racing_eta, 2),
-                             ("--racing-keep", cfg.racing_keep, 1)):
-        if value < low:
-            raise CliError(f"{flag} must be >= {low}, got {value}")
-    if not 0.0 < cfg.stage_sparsity < 1.0:
-        raise CliError(f"--stage-sparsity must be in (0, 1), got {cfg.stage_sparsity}")
-    common = dict(
-        stages=cfg.stages, stage_sparsity=cfg.stage_sparsity, sample_num=cfg.sample_num,
-        rounds_per_stage=cfg.rounds_per_stage, racing_eta=cfg.racing_eta, racing_keep=cfg.racing_keep,
-        candidate_scoring=cfg.candidate_scoring, compare_exhaustive=cfg.compare_exhaustive, seed=cfg.seed,
-        device=device,
-    )
-    if cfg.quick:  # plumbing only: a random tiny model on synthetic data
-        from keepgym.envs.data import load_dataset
-
-        data = load_dataset("synthetic", train_size=160, val_size=60, test_size=16, num_classes=4, image_size=16)
-        result = search_benchmark("vgg11", "synthetic", data=data, pretrained=False, width_mult=0.125, **common)
-    else:
-        if cfg.checkpoint is None:
-            raise CliError("search needs a trained model: --checkpoint PATH (or --quick for a smoke run)")
-        if not Path(cfg.checkpoint).expanduser().is_file():
-            raise CliError(f"--checkpoint {cfg.checkpoint} does not exist")
-        try:
-            result = search_benchmark(
-                cfg.model, cfg.dataset, data_root=cfg.data_root, checkpoint=cfg.checkpoint,
-                image_size=cfg.image_size, eval_size=cfg.eval_size, **common,
-            )
-        except (ValueError, FileNotFoundError) as err:  # the env's checks of the model, data and sizes
-            raise CliError(f"search: {err}".splitlines()[0]) from None
-    result["benchmark"] = "search"
-    return result
-
-
 _RUNNERS = {
     "ray": _bench_ray,
     "data": lambda d, q, r: bench_data(d, q, r),
@@ -419,9 +319,13 @@ def run(cfg: BenchConfig) -> dict:
         logger.info("benchmark %s", name)
         start = time.perf_counter()
         if name == "score-fidelity":
-            result = _bench_score_fidelity(cfg, device, out)
+            from keepgym.experiments.score_fidelity import bench_score_fidelity
+
+            result = bench_score_fidelity(cfg, device, out)
         elif name == "search":
-            result = _bench_search(cfg, device)
+            from keepgym.experiments.search_bench import bench_search
+
+            result = bench_search(cfg, device)
         else:
             result = _RUNNERS[name](device, cfg.quick, cfg.repeats)
         result["machine"] = machine_info()

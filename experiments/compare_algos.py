@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import keepgym  # noqa: F401 - registers the env ids
+from keepgym.agents.prune_agents import prune_agent_class
 from keepgym.envs.evaluators import CountingEvaluator
 from keepgym.envs.metrics import evaluate_accuracy
 from keepgym.experiments.common import add_config_arguments, arg, config_from_args, write_json
@@ -104,21 +105,16 @@ class _Budget(gym.Wrapper):
 
 def _algo(name: str, cfg: CompareConfig, num_stages: int, budget: int) -> tuple[type, dict[str, Any], int]:
     """(class, hyper-parameters, timesteps) of ``name``; PPO's timesteps: ``budget`` in whole episodes."""
+    if name not in ("rlpruner", "uniform", "ppo"):
+        raise ValueError(f"unknown algorithm {name!r}")
+    cls = prune_agent_class(name)
     if name == "rlpruner":
-        from keepgym.agents.rl_pruner import RLPruner
-
-        return RLPruner, dict(sample_num=cfg.sample_num, rounds_per_stage=cfg.rounds), num_stages
+        return cls, dict(sample_num=cfg.sample_num, rounds_per_stage=cfg.rounds), num_stages
     if name == "uniform":
-        from keepgym.agents.baselines import UniformPruner
-
-        return UniformPruner, {}, num_stages
-    if name == "ppo":
-        from stable_baselines3 import PPO
-
-        # One update per episode; B / S episodes in all (B is a multiple of S by construction).
-        timesteps = -(-budget // num_stages) * num_stages
-        return PPO, dict(n_steps=num_stages, batch_size=num_stages, n_epochs=10), timesteps
-    raise ValueError(f"unknown algorithm {name!r}")
+        return cls, {}, num_stages
+    # PPO: one update per episode; B / S episodes in all (B is a multiple of S by construction).
+    timesteps = -(-budget // num_stages) * num_stages
+    return cls, dict(n_steps=num_stages, batch_size=num_stages, n_epochs=10), timesteps
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:

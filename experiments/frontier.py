@@ -48,11 +48,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from keepgym.envs.data import DATASETS
 from keepgym.experiments.common import CliError, arg, machine_info, write_json
+from keepgym.experiments.frontier_methods import DEFAULT_METHODS, LABELS, METHOD_OPTIONS, METHODS
+from keepgym.experiments.frontier_report import frontier_markdown, frontier_table, plot_frontier
+from keepgym.models.serialization import atomic_write
 
 __all__ = ["COMMAND", "DESCRIPTION", "Config", "FrontierConfig", "METHODS", "run", "resolve"]
 
@@ -63,40 +65,6 @@ DESCRIPTION = (
     "Accuracy vs MACs of RL-Pruner, uniform, global and Torch-Pruning's default recipe at equal MACs targets "
     "and KD budget, over seeds, from one baseline (--quick: CIFAR-10 on a 2-core CPU in < 45 min)."
 )
-
-#: method -> (keepgym prune --algo, --criterion)
-METHODS: dict[str, tuple[str, str]] = {
-    "rlpruner": ("rlpruner", "taylor"),
-    "uniform": ("uniform", "taylor"),
-    "global": ("global", "taylor"),
-    "tp": ("uniform", "l2"),
-    "rlpruner-l2": ("rlpruner", "l2"),
-    "rlpruner-racing": ("rlpruner", "taylor"),
-    "ppo": ("ppo", "taylor"),
-    "sac": ("sac", "taylor"),
-    "ppo-v0": ("ppo", "taylor"),
-}
-#: further ``keepgym prune`` settings of a method. PPO and SAC get as many committed stages in all as
-#: RL-Pruner evaluates candidates (``--episodes K x E``): equal numbers of evaluated allocations.
-METHOD_OPTIONS: dict[str, dict[str, object]] = {
-    "rlpruner-racing": {"racing": True},
-    "ppo": {"action_param": "log_prior"},
-    "sac": {"action_param": "log_prior"},
-    "ppo-v0": {"action_param": "weights"},
-}
-#: what ``--methods`` runs unless told otherwise (``rlpruner-l2`` separates allocation from criterion)
-DEFAULT_METHODS = ("rlpruner", "uniform", "global", "tp")
-LABELS = {
-    "rlpruner": "RL-Pruner (Taylor)",
-    "uniform": "uniform (Taylor)",
-    "global": "global (Taylor)",
-    "tp": "Torch-Pruning default (L2 magnitude, uniform)",
-    "rlpruner-l2": "RL-Pruner (L2 magnitude)",
-    "rlpruner-racing": "RL-Pruner (Taylor, racing)",
-    "ppo": "PPO (log-prior actions, v1)",
-    "sac": "SAC (log-prior actions, v1)",
-    "ppo-v0": "PPO (split weights, v0)",
-}
 
 #: The project's own copy of CIFAR-10 (JPEGs in ImageFolder layout), beside the repository.
 SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -306,86 +274,6 @@ def _record(method: str, target: float, seed: int, summary: dict, folder: Path) 
     }
 
 
-def _table(records: list[dict], methods: tuple[str, ...], targets: tuple[float, ...]) -> list[dict]:
-    rows = []
-    for target in sorted(targets, reverse=True):
-        for method in methods:
-            runs = [r for r in records if r["method"] == method and r["target_macs"] == target]
-            if not runs:
-                continue
-            acc = np.array([r["test_accuracy"] for r in runs])
-            macs = np.array([r["macs_ratio"] for r in runs])
-            sparsity = np.array([r["channel_sparsity"] for r in runs])
-            rows.append(
-                {
-                    "method": method,
-                    "target_macs": target,
-                    "seeds": [r["seed"] for r in runs],
-                    "n": len(runs),
-                    # sample std over seeds (ddof=1); 0 for one seed
-                    "test_accuracy_mean": float(acc.mean()),
-                    "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                    "macs_ratio_mean": float(macs.mean()),
-                    "macs_ratio_std": float(macs.std(ddof=1)) if len(macs) > 1 else 0.0,
-                    "channel_sparsity_mean": float(sparsity.mean()),
-                    "params_ratio_mean": float(np.mean([r["params_ratio"] for r in runs])),
-                    "evaluations_mean": float(np.mean([r["evaluations"] for r in runs])),
-                    "wall_seconds_mean": float(np.mean([r["wall_seconds"] for r in runs])),
-                }
-            )
-    return rows
-
-
-def _markdown(rows: list[dict], baseline: dict, cfg: FrontierConfig) -> str:
-    lines = [
-        f"Baseline {cfg.model} (width {cfg.width_mult:g}): test accuracy "
-        f"{100 * baseline.get('test_accuracy', float('nan')):.2f} %, {baseline.get('macs', 0) / 1e6:.2f}M MACs, "
-        f"{baseline.get('params', 0) / 1e6:.3f}M params.",
-        "",
-        "| MACs target | method | test acc % (mean ± std) | MACs kept | channel sparsity | params kept | seeds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['target_macs']:g} | {LABELS[r['method']]} | {100 * r['test_accuracy_mean']:.2f} ± "
-            f"{100 * r['test_accuracy_std']:.2f} | {r['macs_ratio_mean']:.3f} | {r['channel_sparsity_mean']:.3f} | "
-            f"{r['params_ratio_mean']:.3f} | {r['n']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _plot(path: Path, rows: list[dict], baseline: dict, methods: tuple[str, ...], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.4), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    markers = dict(zip(METHODS, "osD^vP*Xp", strict=True))
-    for method in methods:
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["macs_ratio_mean"])
-        if not mine:
-            continue
-        ax.errorbar(
-            [r["macs_ratio_mean"] for r in mine],
-            [100 * r["test_accuracy_mean"] for r in mine],
-            yerr=[100 * r["test_accuracy_std"] for r in mine],
-            marker=markers[method],
-            capsize=3,
-            label=LABELS[method],
-        )
-    if baseline.get("test_accuracy") is not None:
-        ax.axhline(100 * baseline["test_accuracy"], color="grey", linestyle="--", label="baseline (unpruned)")
-    ax.set_xlabel("MACs kept (fraction of the baseline)")
-    ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-
-
 def _collect(cfg: FrontierConfig, out: Path) -> list[dict]:
     """Every finished run under ``OUT/runs`` for this config's methods, targets and seeds."""
     records = []
@@ -402,7 +290,7 @@ def _collect(cfg: FrontierConfig, out: Path) -> list[dict]:
 def _write_outputs(cfg: FrontierConfig, out: Path, baseline: dict, started: float, errors: list[dict]) -> dict:
     records = _collect(cfg, out)
     methods = tuple(m for m in METHODS if any(r["method"] == m for r in records))
-    rows = _table(records, methods, cfg.targets)
+    rows = frontier_table(records, methods, cfg.targets)
     result = {
         "command": "keepgym frontier",
         "config": dataclasses.asdict(cfg),
@@ -417,13 +305,14 @@ def _write_outputs(cfg: FrontierConfig, out: Path, baseline: dict, started: floa
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     write_json(out / "frontier.json", result)
-    (out / "frontier.md").write_text(_markdown(rows, baseline, cfg))
+    markdown = frontier_markdown(rows, baseline, cfg.model, cfg.width_mult)
+    atomic_write(out / "frontier.md", lambda fh: fh.write(markdown.encode()))
     data_name = Path(cfg.data_root).name if cfg.dataset == "folder" and cfg.data_root else cfg.dataset
     title = (
         f"{cfg.model} w{cfg.width_mult:g} on {data_name}: KD {cfg.finetune_epochs}/stage + "
         f"{cfg.final_finetune_epochs} final, seeds {', '.join(map(str, cfg.seeds))}"
     )
-    _plot(out / "frontier.png", rows, baseline, methods, title)
+    plot_frontier(out / "frontier.png", rows, baseline, methods, title)
     return result
 
 

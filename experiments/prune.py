@@ -37,7 +37,6 @@ The same run in Python (``tests/experiments/test_prune_cli.py`` checks they agre
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -52,7 +51,7 @@ import torch
 
 from keepgym.agents.callbacks import EnvInfoCallback, StageCheckpointCallback, load_stage_checkpoint
 from keepgym.agents.prune_agents import make_prune_agent, prune_agent_class
-from keepgym.envs.distill import distill_epochs
+from keepgym.envs.distill import distill_epochs_checkpointed
 from keepgym.envs.distributed import DistributedInfo, cleanup_distributed, init_distributed, main_first
 from keepgym.envs.metrics import evaluate_accuracy
 from keepgym.envs.recovery import KDRecovery, KeepBestEpisode
@@ -82,7 +81,6 @@ from keepgym.experiments.prune_report import write_report
 from keepgym.models.checkpoints import (
     global_rng_state,
     remove_partial_checkpoints,
-    set_global_rng_state,
     write_dir_atomically,
 )
 
@@ -170,17 +168,8 @@ def make_env(cfg: PruneConfig, device: str = "cpu", distributed: bool = False) -
 
 
 def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str | None, num_stages: int) -> Any:
-    return make_prune_agent(
-        cfg.algo,
-        env,
-        sample_num=cfg.sample_num,
-        rounds_per_stage=cfg.rounds_per_stage,
-        racing=cfg.racing,
-        racing_keep=cfg.racing_keep,
-        num_stages=num_stages,
-        seed=cfg.seed,
-        tensorboard_log=tb,
-    )
+    settings = {key: getattr(cfg, key) for key in ("sample_num", "rounds_per_stage", "racing", "racing_keep")}
+    return make_prune_agent(cfg.algo, env, num_stages=num_stages, seed=cfg.seed, tensorboard_log=tb, **settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,7 +186,9 @@ def _search_staged(cfg: PruneConfig, env: gym.Env, out: Path, tb: str | None, cl
     stages_dir = out / "stages"
     agent, done = None, 0
     loaded = (
-        load_stage_checkpoint(stages_dir, env, prune_agent_class(cfg.algo), seed=cfg.seed, tensorboard_log=tb, device="cpu")
+        load_stage_checkpoint(
+            stages_dir, env, prune_agent_class(cfg.algo), seed=cfg.seed, tensorboard_log=tb, device="cpu"
+        )
         if cfg.resume
         else None
     )
@@ -299,76 +290,33 @@ def _save_search(out: Path, raw: Any, search: dict, clock: _Clock) -> None:
     main_first(lambda: write_dir_atomically(out / "search", write))  # the other ranks then read it
 
 
-# --------------------------------------------------------------------------------------------------
-# the final distillation (resumable per epoch)
-# --------------------------------------------------------------------------------------------------
-
-
 def _final_kd(cfg: PruneConfig, raw: Any, out: Path, device: str, clock: _Clock, dist: DistributedInfo):
-    from keepgym.models import load_model, save_model
+    """The final distillation, checkpointed (and resumable) per epoch in ``out/final_kd``."""
+    from keepgym.models import load_model
 
     data = raw.data
     student = load_model(out / "search" / "model.pt").to(device)
     teacher_path = out / "search" / "teacher.pt"
     teacher = load_model(teacher_path).to(device).eval() if teacher_path.exists() else raw.original_model
+    def on_resume(state: dict) -> None:
+        clock.previous = float(state["wall"])
 
-    def evaluate(model: torch.nn.Module) -> float:
-        return evaluate_accuracy(model, data.val_x, data.val_y, data.normalize, device=device)
-
-    final_dir = out / "final_kd"
-    start_epoch, best_acc, best_state = 0, evaluate(student), copy.deepcopy(student.state_dict())
-    final_records: list[dict] = []
-    if (final_dir / _STATE_FILE).exists():
-        fstate = load_state(final_dir / _STATE_FILE)
-        start_epoch, best_acc = int(fstate["epoch"]) + 1, float(fstate["best_val"])
-        final_records = json.loads(fstate["records_json"])
-        clock.previous = float(fstate["wall"])
-        student = load_model(final_dir / "model.pt").to(device)
-        best_state = load_model(final_dir / "best.pt").to(device).state_dict()
-        set_global_rng_state(fstate["rng"])
-
-    def on_epoch(epoch: int, best_val: float, state: dict, records: list[dict]) -> None:
-        def write(tmp: Path) -> None:
-            save_model(student, tmp / "model.pt", epoch=epoch)
-            best_model = copy.deepcopy(student)
-            best_model.load_state_dict(state)
-            save_model(best_model, tmp / "best.pt", epoch=epoch)
-            blob = json.dumps(final_records + records, default=_json_default)
-            atomic_torch_save(
-                {
-                    "epoch": epoch,
-                    "best_val": best_val,
-                    "rng": global_rng_state(),
-                    "wall": clock(),
-                    "records_json": blob,
-                },
-                tmp / _STATE_FILE,
-            )
-
-        if dist.is_main:
-            write_dir_atomically(final_dir, write)
-
-    if cfg.final_finetune_epochs > 0 and start_epoch < cfg.final_finetune_epochs:
-        _, records = distill_epochs(
-            student,
-            teacher,
-            data,
-            cfg.final_finetune_epochs,
-            evaluate=evaluate,
-            seed=cfg.seed,
-            stage=10_000,
-            learning_rate=cfg.kd_learning_rate,
-            batch_size=cfg.kd_batch_size,
-            device=device,
-            start_epoch=start_epoch,
-            best=(best_acc, best_state),
-            on_epoch=on_epoch,
-            distributed=dist.enabled,
-        )
-        final_records += records
-    else:
-        student.load_state_dict(best_state)
-    return student, final_records
+    return distill_epochs_checkpointed(
+        student,
+        teacher,
+        data,
+        cfg.final_finetune_epochs,
+        out / "final_kd",
+        evaluate=lambda model: evaluate_accuracy(model, data.val_x, data.val_y, data.normalize, device=device),
+        seed=cfg.seed,
+        learning_rate=cfg.kd_learning_rate,
+        batch_size=cfg.kd_batch_size,
+        device=device,
+        save=dist.is_main,
+        extra_state=lambda: {"wall": clock()},
+        on_resume=on_resume,
+        distributed=dist.enabled,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +28,10 @@ import torch
 from keepgym.envs.data import DatasetSplits
 from keepgym.envs.metrics import evaluate_accuracy
 from keepgym.envs.prune_env import CANDIDATE_SCORINGS, PruneEnv
+from keepgym.experiments.bench_models import prune_bench_env, run_on_model
+from keepgym.experiments.common import CliError
 
-__all__ = ["plot_score_fidelity", "rank_correlations", "score_fidelity"]
+__all__ = ["bench_score_fidelity", "plot_score_fidelity", "rank_correlations", "score_fidelity"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +101,15 @@ def score_fidelity(
         raise ValueError(f"candidates must be >= 3 for a rank correlation, got {candidates}")
     if not 0.0 < stage_macs < 1.0:
         raise ValueError(f"stage_macs must be in (0, 1), got {stage_macs}")
-    kwargs = {} if checkpoint is not None else {"width_mult": width_mult, "pretrained": pretrained}
-    env = PruneEnv(
-        model_name=model_name,
-        dataset=dataset,
+    env = prune_bench_env(
+        model_name,
+        dataset,
         data_root=data_root,
         checkpoint=checkpoint,
         image_size=image_size,
         data=data,
+        pretrained=pretrained,
+        width_mult=width_mult,
         target_macs=1.0 - stage_macs,
         stage_sparsity=1.0 - (1.0 - stage_macs),  # exactly 1 - target in floats (0.1 is not 1 - 0.9)
         finetune_steps=kd_steps,
@@ -113,7 +117,6 @@ def score_fidelity(
         bn_calibration_size=bn_calibration_size,
         batch_size=batch_size,
         device=device,
-        **kwargs,
     )
     _, info0 = env.reset(seed=seed)
     test = env.data
@@ -216,3 +219,31 @@ def plot_score_fidelity(result: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def bench_score_fidelity(cfg: Any, device: str, out: Path) -> dict:
+    """``keepgym bench score-fidelity``: :func:`score_fidelity` on the model of ``cfg`` (a ``BenchConfig``), plot
+    in ``out/score-fidelity.png`` (user errors: :class:`~keepgym.experiments.common.CliError`)."""
+    if cfg.candidates < 3:
+        raise CliError(f"--candidates must be >= 3 (a rank correlation), got {cfg.candidates}")
+    if not 0.0 < cfg.stage_macs < 1.0:
+        raise CliError(f"--stage-macs must be in (0, 1), got {cfg.stage_macs}")
+    if cfg.kd_steps < 0:
+        raise CliError(f"--kd-steps must be >= 0, got {cfg.kd_steps}")
+    result = run_on_model(
+        "score-fidelity",
+        score_fidelity,
+        cfg,
+        # quick: 4 candidates, 2 KD steps
+        quick_sizes={"train_size": 160, "val_size": 48, "test_size": 32},
+        quick_settings={
+            "candidates": 4, "kd_steps": 2, "bn_calibration_size": 32, "batch_size": 32, "seed": cfg.seed,
+            "device": device,
+        },
+        settings={
+            "candidates": cfg.candidates, "stage_macs": cfg.stage_macs, "kd_steps": cfg.kd_steps, "seed": cfg.seed,
+            "device": device,
+        },
+    )
+    result["plot"] = str(plot_score_fidelity(result, out / "score-fidelity.png"))
+    return result

@@ -28,8 +28,10 @@ import numpy as np
 from keepgym.agents.rl_pruner import RLPruner
 from keepgym.envs.data import DatasetSplits
 from keepgym.envs.prune_env import PruneEnv
+from keepgym.experiments.bench_models import prune_bench_env, run_on_model
+from keepgym.experiments.common import CliError
 
-__all__ = ["search_benchmark"]
+__all__ = ["bench_search", "search_benchmark"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +69,9 @@ def search_benchmark(
     """
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
-    kwargs = {} if checkpoint is not None else {"width_mult": width_mult, "pretrained": pretrained}
-    env = PruneEnv(
-        model_name=model_name,
-        dataset=dataset,
+    env = prune_bench_env(
+        model_name,
+        dataset,
         data_root=data_root,
         checkpoint=checkpoint,
         image_size=image_size,
@@ -80,7 +81,8 @@ def search_benchmark(
         eval_size=eval_size,
         candidate_scoring=candidate_scoring,
         device=device,
-        **kwargs,
+        pretrained=pretrained,
+        width_mult=width_mult,
     )
     agent = RLPruner(
         "MlpPolicy",
@@ -184,3 +186,27 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "within_tolerance_rate": sum(r["within_tolerance"] for r in rows) / len(rows),
         "max_reward_gap": max(r["reward_gap"] for r in rows),
     }
+
+
+def bench_search(cfg: Any, device: str) -> dict[str, Any]:
+    """``keepgym bench search``: :func:`search_benchmark` on the model of ``cfg`` (a ``BenchConfig``; user
+    errors: :class:`~keepgym.experiments.common.CliError`)."""
+    for flag, value, low in (("--stages", cfg.stages, 1), ("--sample-num", cfg.sample_num, 1),
+                             ("--rounds-per-stage", cfg.rounds_per_stage, 1), ("--racing-eta", cfg.racing_eta, 2),
+                             ("--racing-keep", cfg.racing_keep, 1)):
+        if value < low:
+            raise CliError(f"{flag} must be >= {low}, got {value}")
+    if not 0.0 < cfg.stage_sparsity < 1.0:
+        raise CliError(f"--stage-sparsity must be in (0, 1), got {cfg.stage_sparsity}")
+    common = dict(
+        stages=cfg.stages, stage_sparsity=cfg.stage_sparsity, sample_num=cfg.sample_num,
+        rounds_per_stage=cfg.rounds_per_stage, racing_eta=cfg.racing_eta, racing_keep=cfg.racing_keep,
+        candidate_scoring=cfg.candidate_scoring, compare_exhaustive=cfg.compare_exhaustive, seed=cfg.seed,
+        device=device,
+    )
+    quick_sizes = {"train_size": 160, "val_size": 60, "test_size": 16}
+    result = run_on_model(
+        "search", search_benchmark, cfg, quick_sizes=quick_sizes, quick_settings=common, settings=common
+    )
+    result["benchmark"] = "search"
+    return result

@@ -15,6 +15,7 @@ receives in one block, the signal the patch selectors and ``keepgym.envs.PatchSe
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -382,15 +383,16 @@ def _scaled(value: int, width_mult: float, multiple: int = 1) -> int:
 
 
 def _build(
-    defaults: dict,
+    preset: str,
     num_classes: int,
-    in_chans: int,
-    image_size: int,
-    patch_size: int,
     width_mult: float,
-    kw: dict,
+    in_chans: int = 3,
+    image_size: int = 32,
+    patch_size: int = 4,
+    **kw: Any,
 ) -> ViT:
-    cfg = dict(defaults)
+    """``VIT_PRESETS[preset]`` scaled by ``width_mult``, ``kw`` overriding any ``ViT`` argument."""
+    cfg = dict(VIT_PRESETS[preset])
     if width_mult != 1.0:
         # dim must stay a multiple of 4 for the sin-cos embedding; heads scale with the width.
         cfg["dim"] = _scaled(cfg["dim"], width_mult, 4)
@@ -402,44 +404,21 @@ def _build(
     )
 
 
-def vit_cifar(
-    num_classes: int = 10,
-    in_chans: int = 3,
-    image_size: int = 32,
-    patch_size: int = 4,
-    width_mult: float = 1.0,
-    **kw,
-) -> ViT:
+def vit_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:
     """AgentViT's CIFAR ViT: 32x32, patch 4 (N=64), dim 128, depth 6, 16 heads of 64, MLP 512 (3.95M params).
 
-    ``width_mult`` scales ``dim`` (to a multiple of 4), ``heads`` and ``mlp_dim``; ``kw`` overrides any
-    ``ViT`` argument (``dim``, ``depth``, ``heads``, ``mlp_dim``, ``dim_head``, ``cls_token``).
+    ``width_mult`` scales ``dim`` (to a multiple of 4), ``heads`` and ``mlp_dim``; ``kw`` sets ``in_chans``
+    (3), ``image_size`` (32), ``patch_size`` (4) or overrides any other ``ViT`` argument (``dim``, ``depth``,
+    ``heads``, ``mlp_dim``, ``dim_head``, ``cls_token``). The same holds for :func:`vit_small` and :func:`vit_tiny`.
     """
-    defaults = VIT_PRESETS["vit_cifar"]
-    return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)
+    return _build("vit_cifar", num_classes, width_mult, **kw)
 
 
-def vit_small(
-    num_classes: int = 10,
-    in_chans: int = 3,
-    image_size: int = 32,
-    patch_size: int = 4,
-    width_mult: float = 1.0,
-    **kw,
-) -> ViT:
+def vit_small(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:
     """A CPU-friendly ViT for demos: dim 64, depth 4, 4 heads of 16, MLP 128."""
-    defaults = VIT_PRESETS["vit_small"]
-    return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)
+    return _build("vit_small", num_classes, width_mult, **kw)
 
 
-def vit_tiny(
-    num_classes: int = 10,
-    in_chans: int = 3,
-    image_size: int = 32,
-    patch_size: int = 4,
-    width_mult: float = 1.0,
-    **kw,
-) -> ViT:
+def vit_tiny(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:
     """A test-sized ViT: dim 32, depth 2, 2 heads of 8, MLP 64."""
-    defaults = VIT_PRESETS["vit_tiny"]
-    return _build(defaults, num_classes, in_chans, image_size, patch_size, width_mult, kw)
+    return _build("vit_tiny", num_classes, width_mult, **kw)

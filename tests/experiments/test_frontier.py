@@ -66,14 +66,14 @@ def test_frontier_settings_are_checked(tmp_path):
 
 
 def test_frontier_table_mean_and_sample_std_over_seeds():
-    from keepgym.experiments.frontier import _table
+    from keepgym.experiments.frontier_report import frontier_table
 
     records = [
         {"method": "uniform", "target_macs": 0.5, "seed": s, "test_accuracy": a, "macs_ratio": 0.5,
          "channel_sparsity": 0.3, "params_ratio": 0.4, "evaluations": 0, "wall_seconds": 1.0}
         for s, a in ((0, 0.80), (1, 0.82), (2, 0.84))
     ]
-    (row,) = _table(records, ("uniform",), (0.5,))
+    (row,) = frontier_table(records, ("uniform",), (0.5,))
     assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
     assert row["test_accuracy_mean"] == pytest.approx(0.82)
     assert row["test_accuracy_std"] == pytest.approx(0.02)  # sample std (ddof=1)
