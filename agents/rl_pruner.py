@@ -375,7 +375,7 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
             if float(np.min(self.action_space.low)) < 0.0:
                 raise ValueError(
                     f"{type(self).__name__} commits non-negative split weights; this env's actions are signed "
-                    "(action_param='log_prior', the RLPrune-*-v1 ids): use action_param='weights' (the -v0 ids)"
+                    "(action_param='log_prior', the RLPrune-*-LogPrior ids): use action_param='weights' (the plain ids)"
                 )
         if _init_setup_model:
             self._setup_model()

@@ -20,11 +20,16 @@ PRUNE_ENV_IDS = {
     "RLPrune-DenseNet121-v0": {"model_name": "densenet121", "dataset": "cifar100"},
     "RLPrune-Digits-v0": {"model_name": "vgg11", "dataset": "digits", "width_mult": 0.25},
 }
-# v1: the same envs with ``action_param="log_prior"``: the action is a vector of log-factors in [-1, 1]
-# around the width-proportional split, so the zero action every Gaussian policy starts from is a sensible
-# allocation (PPO, SAC, A2C). v0 keeps the plain split weights RLPruner searches over.
+# *-LogPrior-v0: the same envs with ``action_param="log_prior"``: the action is a vector of log-factors in
+# [-1, 1] around the width-proportional split, so the zero action every Gaussian policy starts from is a
+# sensible allocation (PPO, SAC, A2C). A sibling, not a new version: the plain ids keep the split weights
+# RLPruner searches over, and a "-v1" would make Gymnasium tell RLPruner users to "upgrade" to an action
+# space RLPruner cannot use.
 PRUNE_ENV_IDS.update(
-    {_id.replace("-v0", "-v1"): {**_kw, "action_param": "log_prior"} for _id, _kw in list(PRUNE_ENV_IDS.items())}
+    {
+        _id.replace("-v0", "-LogPrior-v0"): {**_kw, "action_param": "log_prior"}
+        for _id, _kw in list(PRUNE_ENV_IDS.items())
+    }
 )
 PATCH_ENV_IDS = {
     "PatchSelect-CIFAR10-v0": {"dataset": "cifar10"},

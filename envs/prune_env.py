@@ -329,10 +329,11 @@ class PruneEnv(gym.Env):
     or an all-negative action raise ``ValueError`` and leave the env as it was. With ``round_to > 1``
     group widths stay multiples of ``round_to`` and the stage total is ``M`` rounded to whole multiples.
 
-    With ``action_param="log_prior"`` (the ``-v1`` ids) the action space is ``Box(-1, 1, (G,))`` and the
-    weights are ``width_g * 4**a_g`` (:meth:`split_weights`): the zero action is the width-proportional
-    split (every group loses the same fraction of its channels) and each entry scales its group's share
-    by 1/4 to 4, so a Gaussian policy starting at zero (PPO, SAC, A2C) explores around a sensible allocation.
+    With ``action_param="log_prior"`` (the ``RLPrune-*-LogPrior-v0`` ids) the action space is
+    ``Box(-1, 1, (G,))`` and the weights are ``width_g * 4**a_g`` (:meth:`split_weights`): the zero
+    action is the width-proportional split (every group loses the same fraction of its channels) and
+    each entry scales its group's share by 1/4 to 4, so a Gaussian policy starting at zero (PPO, SAC,
+    A2C) explores around a sensible allocation.
 
     ## Observation Space
 
@@ -408,7 +409,7 @@ class PruneEnv(gym.Env):
       restore them: :func:`adaptive_bn`; EagleEye, ECCV 2020). A public attribute; it may be changed
       between calls. ``vanilla`` draws the same random numbers as before the option existed.
     * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
-    * ``action_param``: ``weights`` (v0, the default) or ``log_prior`` (v1); see *Action Space*.
+    * ``action_param``: ``weights`` (the default) or ``log_prior`` (the ``-LogPrior`` ids); see *Action Space*.
     * ``recovery``: a :class:`keepgym.envs.recovery.Recovery` run after every stage's surgery, e.g.
       ``KDRecovery(epochs=1, teacher_swap=True)``; its :attr:`~keepgym.envs.recovery.Recovery.stage_records`
       keep a per-stage history. ``finetune_steps`` (0), ``finetune_lr``, ``kd_temperature``, ``kd_weight``: the
@@ -427,8 +428,9 @@ class PruneEnv(gym.Env):
     * v0: initial version. ``target_macs``/``target_params`` and ``candidate_scoring`` were added later
       without a version bump: they are off (``vanilla``) by default, and the observation and reward keep
       their meaning.
-    * v1: ``action_param="log_prior"`` (log-factors around the width-proportional split); otherwise v0.
-    * ``recovery=`` (both versions, no bump): ``finetune_steps`` now builds a ``KDRecovery``; with it the
+      ``action_param`` was added the same way (default ``weights``); its ``log_prior`` setting is registered
+      as sibling ids, ``RLPrune-*-LogPrior-v0``, not as a new version.
+    * ``recovery=`` (no bump): ``finetune_steps`` now builds a ``KDRecovery``; with it the
       observation, reward and ``info`` mean what they meant (accuracy after recovery). ``keepgym prune``'s
       env now reports the post-distillation accuracy too (it used to report the one before).
     """

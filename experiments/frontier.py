@@ -13,7 +13,7 @@ budget (KD epochs after every stage and at the end, best validation epoch kept),
   ``GroupMagnitudeImportance(p=2)`` ranks a group's channels by the same sum of squares) with one
   pruning ratio for every layer (``global_pruning=False``): the ``uniform`` allocation with ``l2``;
 * ``rlpruner-racing``, ``ppo``, ``sac``, ``ppo-v0`` (not run unless asked): RL-Pruner with
-  ``--racing``; PPO and SAC on the ``log_prior`` action parameterisation (the ``-v1`` ids) and PPO on the
+  ``--racing``; PPO and SAC on the ``log_prior`` action parameterisation (the ``-LogPrior`` ids) and PPO on the
   plain split weights (``-v0``), each given ``K x E`` episodes, i.e. as many evaluated allocations as
   RL-Pruner scores candidates;
 * ``rlpruner-l2`` (not run unless asked): RL-Pruner's search with the ``l2`` criterion, which tells the

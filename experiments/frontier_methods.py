@@ -33,7 +33,7 @@ LABELS = {
     "tp": "Torch-Pruning default (L2 magnitude, uniform)",
     "rlpruner-l2": "RL-Pruner (L2 magnitude)",
     "rlpruner-racing": "RL-Pruner (Taylor, racing)",
-    "ppo": "PPO (log-prior actions, v1)",
-    "sac": "SAC (log-prior actions, v1)",
+    "ppo": "PPO (log-prior actions)",
+    "sac": "SAC (log-prior actions)",
     "ppo-v0": "PPO (split weights, v0)",
 }

@@ -99,7 +99,7 @@ class PruneConfig:
     racing_keep: int = arg(2, help="--racing: candidates of a round scored on every image")
     action_param: str | None = arg(
         None,
-        help="how an action maps to the stage's split: weights (v0) or log_prior (v1, log-factors around the "
+        help="how an action maps to the stage's split: weights or log_prior (log-factors around the "
         "width-proportional split) (default: log_prior for ppo/sac/a2c, weights for the others and for --env)",
         choices=ACTION_PARAMS,
     )

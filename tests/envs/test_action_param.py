@@ -1,4 +1,4 @@
-"""``action_param="log_prior"`` (RLPrune ``-v1``): actions are log-factors around the width-proportional split."""
+"""``action_param="log_prior"`` (``RLPrune-*-LogPrior-v0``): log-factors around the width-proportional split."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _env(data, **kw) -> PruneEnv:
     return PruneEnv(**{**TINY, "model_name": "vgg11", "data": data, "stage_sparsity": 0.2, **kw})
 
 
-@pytest.mark.parametrize("env_id", ["RLPrune-Digits-v1", "RLPrune-ResNet56-v1"])
+@pytest.mark.parametrize("env_id", ["RLPrune-Digits-LogPrior-v0", "RLPrune-ResNet56-LogPrior-v0"])
 def test_v1_ids_pass_the_checkers_and_use_log_prior(env_id):
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
@@ -105,7 +105,7 @@ def test_staged_pruners_refuse_signed_actions_and_the_cli_picks_per_algo(data):
     assert env_kwargs(PruneConfig(algo="ppo"))["action_param"] == "log_prior"
     assert env_kwargs(PruneConfig(algo="rlpruner"))["action_param"] == "weights"
     assert env_kwargs(PruneConfig(algo="ppo", action_param="weights"))["action_param"] == "weights"
-    assert "action_param" not in env_kwargs(PruneConfig(algo="ppo", env="RLPrune-Digits-v1"))
+    assert "action_param" not in env_kwargs(PruneConfig(algo="ppo", env="RLPrune-Digits-LogPrior-v0"))
     digits = {"env": "RLPrune-Digits-v0", "sparsity": 0.5}
     validate(PruneConfig(algo="rlpruner", racing=True, **digits))
     with pytest.raises(CliError, match="log_prior is for ppo"):
