@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -59,12 +60,15 @@ def test_round_trip_resnet20_pruned_by_metapruner(tmp_path: Path) -> None:
     model.eval()
     example = torch.randn(2, 3, 32, 32)
     before = count_macs_params(model)
+    # Torch-Pruning < 1.3 calls the ratio ch_sparsity (the lowest supported release is tested too)
+    params = inspect.signature(tp.pruner.MetaPruner.__init__).parameters
+    ratio = {"pruning_ratio": 0.5} if "pruning_ratio" in params else {"ch_sparsity": 0.5}
     pruner = tp.pruner.MetaPruner(
         model,
         example,
         importance=tp.importance.MagnitudeImportance(p=1),
-        pruning_ratio=0.5,
         ignored_layers=[model.get_classifier()],
+        **ratio,
     )
     pruner.step()
     after = count_macs_params(model)
