@@ -68,7 +68,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from keepgym.agents.callbacks import with_progress_bar
 from keepgym.agents.serialization import SafeSaveMixin
 
-__all__ = ["PruneDistributionPolicy", "RLPruner", "StagedPrunerBase", "normalise_distribution"]
+__all__ = ["PruneDistributionPolicy", "RLPruner", "StagedPrunerBase", "normalise_distribution", "width_proportional"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def normalise_distribution(x: np.ndarray, mask: np.ndarray | None = None) -> np.
     return x / total
 
 
-def _width_proportional(widths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def width_proportional(widths: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The reference's initial distribution: ``pi_g`` proportional to the width of group ``g``."""
     return normalise_distribution(np.asarray(widths, dtype=np.float64), mask)
 
@@ -402,7 +402,7 @@ class StagedPrunerBase(SafeSaveMixin, BaseAlgorithm):
                 # Some envs only know their groups after reset(); learn() initialises pi then.
                 logger.debug("env does not expose its groups before reset(); pi starts uniform")
             else:
-                self.policy.set_distribution(_width_proportional(widths, mask))
+                self.policy.set_distribution(width_proportional(widths, mask))
 
     # -- env access -----------------------------------------------------------------------------------
 
@@ -831,7 +831,7 @@ class RLPruner(StagedPrunerBase):
         super()._begin_episode(raw, obs)
         if not self.carry_distribution or self._episode_num == 0:
             mask = np.asarray(raw.prunable_mask(), dtype=bool)
-            self.policy.set_distribution(_width_proportional(np.asarray(raw.group_widths), mask))
+            self.policy.set_distribution(width_proportional(np.asarray(raw.group_widths), mask))
 
     def _evaluate(self, raw: Any, actions: np.ndarray) -> list[tuple[float, dict[str, Any]]]:
         batch = [np.asarray(a, dtype=np.float32) for a in actions]
@@ -922,10 +922,9 @@ class RLPruner(StagedPrunerBase):
             reward, info = last[i]
             acc = float(correct[i] / seen[i])
             full_reward = self._partial_reward((reward, info), correct[i], seen[i])
-            info.update(accuracy=acc, correct=int(correct[i]), scored_images=int(seen[i]))
-            for key in ("accuracy_before_recovery", "accuracy_before_finetune"):  # a candidate is not recovered
-                if key in info:
-                    info[key] = acc
+            # a candidate is not recovered: its accuracies before and "after" recovery are the same
+            info.update(accuracy=acc, accuracy_before_recovery=acc, accuracy_before_finetune=acc)
+            info.update(correct=int(correct[i]), scored_images=int(seen[i]))
             action = np.asarray(actions[i])
             candidates.append(_Candidate(value=full_reward, reward=full_reward, action=action, info=info))
         return candidates, images_scored / max(n, 1)
@@ -1033,7 +1032,7 @@ class RLPruner(StagedPrunerBase):
                 chosen.info.get("accuracy"),
                 self._last_accuracy,
             )
-            self.policy.set_distribution(_width_proportional(np.asarray(raw.group_widths), mask))
+            self.policy.set_distribution(width_proportional(np.asarray(raw.group_widths), mask))
             archive.clear()
             archive, n_again, n_up_again = self._search(raw, mask)
             n_scored += n_again

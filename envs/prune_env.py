@@ -147,15 +147,9 @@ def _train_baseline(
     return stats.val_accuracy
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on normalised ``x``."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        correct += int((logits.argmax(1) == y[start : start + batch_size]).sum())
-    return correct / max(1, len(y))
+    return accuracy_and_loss(model, x, y, batch_size)[0]
 
 
 @torch.no_grad()
@@ -769,6 +763,7 @@ class PruneEnv(gym.Env):
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stage_seed: int | None = None
         self._bn_cache: tuple[int, torch.Tensor] | None = None
+        self._order_key: tuple[int | None, int] | None = None  # (stage seed, images) of scoring_order()'s cache
         #: (stage seed, counts bytes) -> vanilla accuracy of a candidate scored on every image this stage
         self._scored: dict[tuple[int | None, bytes], float] = {}
         self._terminated = False
@@ -960,19 +955,14 @@ class PruneEnv(gym.Env):
             self._bn_cache = (self._stage_seed, self.data.normalize(self.data.train_x[idx].to(self.device)))
         return self._bn_cache[1]
 
-    def _score(
-        self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None, with_loss: bool = False
-    ) -> tuple[float, float]:
-        """Accuracy (and mean cross-entropy, else NaN) of the masked candidate ``counts`` under
-        :attr:`candidate_scoring` on ``val`` (default: all scoring images)."""
+    def _score(self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of the masked candidate ``counts`` under :attr:`candidate_scoring`
+        on ``val`` (default: all scoring images)."""
         bn_x = self.bn_calibration_batch()
         x, y = self._val if val is None else val
         with self._pruner.masked(counts):
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
-                if with_loss:
-                    acc, loss = accuracy_and_loss(self.model, x, y, self.batch_size)
-                else:
-                    acc, loss = accuracy(self.model, x, y, self.batch_size), float("nan")
+                acc, loss = accuracy_and_loss(self.model, x, y, self.batch_size)
             synchronize(self.device)
         return acc, loss
 
@@ -1128,7 +1118,7 @@ class PruneEnv(gym.Env):
             if len(idx) == 0:
                 raise ValueError(f"images {images} selects none of the {len(val[1])} scoring images")
             val = (val[0][idx], val[1][idx])
-        acc, loss = self._score(counts, val, with_loss=images is not None)
+        acc, loss = self._score(counts, val)
         eval_s = time.perf_counter() - t0
         times = WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0)
         reward, info = self.candidate_result(counts, acc, times, scored_images=len(val[1]))
@@ -1152,7 +1142,7 @@ class PruneEnv(gym.Env):
         self._require_started()
         n = len(self._val[1])
         key = (self._stage_seed, n)
-        if getattr(self, "_order_key", None) != key:
+        if self._order_key != key:
             self._order = np.random.default_rng([self._stage_seed, 0x5C0E]).permutation(n)
             self._order_key = key
         return self._order

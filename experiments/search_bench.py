@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from keepgym.agents.rl_pruner import RLPruner
+from keepgym.agents.rl_pruner import RLPruner, width_proportional
 from keepgym.envs.data import DatasetSplits
-from keepgym.envs.prune_env import PruneEnv
 from keepgym.experiments.bench_models import prune_bench_env, run_on_model
 from keepgym.experiments.common import CliError
 
@@ -96,7 +95,8 @@ def search_benchmark(
     step_env = agent.env.envs[0]  # Monitor over the raw env, as RLPruner commits
     raw = step_env.unwrapped
     step_env.reset(seed=seed)
-    agent.set_search_state({**agent.get_search_state(), "distribution": _width_proportional(raw)})
+    start = width_proportional(raw.group_widths, np.asarray(raw.prunable_mask(), dtype=bool))
+    agent.set_search_state({**agent.get_search_state(), "distribution": start})
     rows = []
     from tqdm.auto import tqdm
 
@@ -157,11 +157,6 @@ def search_benchmark(
         "stages": rows,
         "summary": _summary(rows),
     }
-
-
-def _width_proportional(raw: PruneEnv) -> np.ndarray:
-    widths = np.where(raw.prunable_mask(), raw.group_widths, 0).astype(np.float64)
-    return widths / widths.sum()
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
