@@ -637,7 +637,9 @@ class RLPruner(StagedPrunerBase):
         carry_distribution: Keep ``pi`` across episodes. By default every episode (a full compression run
             from the original model) restarts from the width-proportional ``pi``, as the reference.
         racing: Successive halving of each round's candidates instead of scoring all of them on every
-            scoring image: all ``K`` are scored on a random ``1/eta**L`` of the images, the best ``1/eta``
+            scoring image: all ``K`` are scored on the first ``1/eta**L`` of the env's ``scoring_order()``
+            (the images nearest the parent model's decision boundary, where candidates differ), the best
+            ``1/eta`` by estimated full-set reward (unseen images counted as the parent classifies them)
             go on to the next slice, and so on until ``racing_keep`` survivors have been scored on every
             image (earlier slices reused, so their full-set rewards are exact). Only the survivors enter
             the archive and move ``pi``. About ``K / (racing_keep + K/eta**L + ...)`` times fewer images
@@ -904,10 +906,14 @@ class RLPruner(StagedPrunerBase):
         images_scored = 0
         for images, keep in self.racing_slices(len(batch), n):
             if len(alive) > keep:
-                # rank by the reward on every image seen so far; on a few images many candidates tie on
-                # accuracy, and the mean cross-entropy on the same images separates them
+                # Rank by the estimated full-set reward: the images not seen yet counted as the parent
+                # model classifies them (the same for every alive candidate, so left out), i.e. accuracy
+                # differences on the seen images weigh 1/n each against the exact MACs/params terms, not
+                # 1/seen; the env's order puts the images where candidates differ first. Ties (common on
+                # few images) go to the lower summed cross-entropy on the same images.
                 def rank(i: int) -> tuple[float, float]:
-                    return (-self._partial_reward(last[i], correct[i], seen[i]), loss[i] / max(int(seen[i]), 1))
+                    reward, info = last[i]
+                    return (-(float(reward) - float(info["accuracy"]) + correct[i] / n), loss[i])
 
                 alive = sorted(sorted(alive, key=rank)[:keep])
             results = raw.evaluate_many([batch[i] for i in alive], images=images)

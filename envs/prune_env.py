@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,8 @@ _OFFLINE_DATASETS = ("digits", "synthetic")
 #: How :meth:`PruneEnv.evaluate` scores a masked candidate: ``vanilla`` (accuracy right after masking) or
 #: ``adaptive_bn`` (BatchNorm statistics re-estimated on training images first; EagleEye, ECCV 2020).
 CANDIDATE_SCORINGS = ("vanilla", "adaptive_bn")
+#: How a candidate's forward runs: on the masked full-width model, on a physically pruned copy, or the cheaper.
+CANDIDATE_PATHS = ("auto", "masked", "physical")
 #: How an action maps to the stage's split over the groups (the ``action_param`` argument).
 ACTION_PARAMS = ("weights", "log_prior")
 #: ``log_prior``: an action entry of +-1 multiplies its group's share of the stage by ``4**(+-1)``.
@@ -164,6 +166,26 @@ def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
         loss += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
     n = max(1, len(y))
     return correct / n, loss / n
+
+
+@torch.no_grad()
+def correct_and_margin(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of normalised ``x``: top-1 correct (bool) and the true-class margin
+    ``logit[y] - max_{j != y} logit[j]`` (float, CPU), of ``model`` in eval mode."""
+    model.eval()
+    correct, margin = [], []
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size]).float()
+        yb = y[start : start + batch_size]
+        true = logits.gather(1, yb[:, None]).squeeze(1)
+        other = logits.scatter(1, yb[:, None], float("-inf")).amax(dim=1)
+        correct.append((logits.argmax(1) == yb).cpu())
+        margin.append((true - other).cpu())
+    if not correct:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+    return torch.cat(correct), torch.cat(margin)
 
 
 @contextlib.contextmanager
@@ -402,6 +424,11 @@ class PruneEnv(gym.Env):
       ``bn_calibration_size`` training images, drawn once per stage from the stage's seed, then score and
       restore them: :func:`adaptive_bn`; EagleEye, ECCV 2020). A public attribute; it may be changed
       between calls. ``vanilla`` draws the same random numbers as before the option existed.
+    * ``candidate_path``: where a candidate's forward runs: ``masked`` (the full-width model with the
+      candidate's channels zeroed in place and restored), ``physical`` (a pruned copy: copy + surgery,
+      then the smaller forward) or ``auto`` (the default: per stage, whichever the measured costs predict
+      cheaper for that candidate; see :class:`CandidatePathCosts`). Both give the same scores; a test
+      checks it on the five CIFAR architectures. The Ray evaluator always masks.
     * ``alpha``, ``beta``: reward weights of the MACs and params reductions.
     * ``action_param``: ``weights`` (the default) or ``log_prior`` (the ``-LogPrior`` ids); see *Action Space*.
     * ``recovery``: a :class:`keepgym.envs.recovery.Recovery` run after every stage's surgery, e.g.
@@ -469,6 +496,7 @@ class PruneEnv(gym.Env):
         action_param: str = "weights",
         evaluator: Evaluator | None = None,
         recovery: Recovery | None = None,
+        candidate_path: str = "auto",
     ) -> None:
         super().__init__()
         #: scores the candidates of :meth:`evaluate_many` (:mod:`keepgym.envs.evaluators`); may be swapped
@@ -481,6 +509,12 @@ class PruneEnv(gym.Env):
             raise ValueError(f"bn_calibration_size must be an int >= 1, got {bn_calibration_size}")
         #: ``vanilla`` or ``adaptive_bn`` (see the class docstring); may be changed between calls
         self.candidate_scoring = candidate_scoring
+        if candidate_path not in CANDIDATE_PATHS:
+            raise ValueError(f"unknown candidate_path {candidate_path!r}; valid: {', '.join(CANDIDATE_PATHS)}")
+        #: ``auto``, ``masked`` or ``physical`` (see the class docstring); may be changed between calls
+        self.candidate_path = candidate_path
+        #: the stage's measured costs behind ``auto``; ``path_counts`` counts the candidates per path
+        self.path_costs = CandidatePathCosts()
         self.bn_calibration_size = int(bn_calibration_size)
         if action_param not in ACTION_PARAMS:
             raise ValueError(f"unknown action_param {action_param!r}; valid: {', '.join(ACTION_PARAMS)}")
@@ -764,6 +798,7 @@ class PruneEnv(gym.Env):
         self._stage_seed: int | None = None
         self._bn_cache: tuple[int, torch.Tensor] | None = None
         self._order_key: tuple[int | None, int] | None = None  # (stage seed, images) of scoring_order()'s cache
+        self._parent_margin: torch.Tensor | None = None  # per scoring image, of the current model (scoring_order)
         #: (stage seed, counts bytes) -> vanilla accuracy of a candidate scored on every image this stage
         self._scored: dict[tuple[int | None, bytes], float] = {}
         self._terminated = False
@@ -956,14 +991,31 @@ class PruneEnv(gym.Env):
         return self._bn_cache[1]
 
     def _score(self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
-        """Accuracy and mean cross-entropy of the masked candidate ``counts`` under :attr:`candidate_scoring`
-        on ``val`` (default: all scoring images)."""
+        """Accuracy and mean cross-entropy of the candidate ``counts`` under :attr:`candidate_scoring` on ``val``
+        (default: all scoring images), masked or on a pruned copy as :attr:`candidate_path` says."""
         bn_x = self.bn_calibration_batch()
         x, y = self._val if val is None else val
+        costs = self.path_costs
+        costs.start_stage(self._stage_seed)
+        widths = self.group_widths - counts
+        macs_fraction = self._cost(widths)[0] / max(self.macs, 1)
+        path = self.candidate_path
+        if path == "auto":
+            path = costs.choose(macs_fraction, len(y))
+        t0 = time.perf_counter()
+        if path == "physical":
+            model = self._pruner.pruned_copy(counts)
+            setup_s = time.perf_counter() - t0
+            with contextlib.nullcontext() if bn_x is None else adaptive_bn(model, bn_x, self.batch_size):
+                acc, loss = accuracy_and_loss(model, x, y, self.batch_size)
+            synchronize(self.device)
+            costs.record_physical(setup_s, time.perf_counter() - t0 - setup_s, macs_fraction, len(y))
+            return acc, loss
         with self._pruner.masked(counts):
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
                 acc, loss = accuracy_and_loss(self.model, x, y, self.batch_size)
             synchronize(self.device)
+        costs.record_masked(time.perf_counter() - t0, len(y))
         return acc, loss
 
     def stage_importance(self) -> list[np.ndarray]:
@@ -1007,7 +1059,7 @@ class PruneEnv(gym.Env):
             self.data.val_y[vidx].to(self.device),
         )
         t1 = time.perf_counter()
-        self.last_accuracy = accuracy(self.model, *self._val, self.batch_size)
+        self.last_accuracy = self._parent_accuracy()
         eval_s = time.perf_counter() - t1
         importance_s = self._prepare_stage()
         self._started = True
@@ -1036,12 +1088,13 @@ class PruneEnv(gym.Env):
         predicted = self._cost(self.group_widths - counts)
         self._pruner.prune(counts)
         self._pristine = False
+        self._parent_margin, self._order_key = None, None
         synchronize(self.device)
         surgery_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         acc_before = self._scored.get((self._stage_seed, counts.tobytes()))
         if acc_before is None:  # not scored as a candidate of this stage (or scored another way)
-            acc_before = accuracy(self.model, *self._val, self.batch_size)
+            acc_before = self._parent_accuracy()
         self._scored.clear()
         eval_s = time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -1050,7 +1103,7 @@ class PruneEnv(gym.Env):
         acc = acc_before
         if result.changed:
             t2 = time.perf_counter()
-            acc = accuracy(self.model, *self._val, self.batch_size)
+            acc = self._parent_accuracy()
             eval_s += time.perf_counter() - t2
         self.macs, self.params = count_macs_params(self.model, self.input_size)
         if (self.macs, self.params) != predicted:
@@ -1101,7 +1154,7 @@ class PruneEnv(gym.Env):
 
         ``counts`` is what :meth:`allocate` returns; evaluators (:mod:`keepgym.envs.evaluators`) score with it.
         ``images`` (racing): score only on the validation images at these positions of
-        :meth:`scoring_order`, a fixed shuffle of the stage's scoring images, so disjoint slices add up:
+        :meth:`scoring_order` (the stage's scoring images, most fragile first), so disjoint slices add up:
         ``info["correct"]`` and ``info["scored_images"]`` of the slices sum to those of the whole set, and
         ``info["accuracy"]`` (and the reward) are the slice's. None: every scoring image.
         """
@@ -1133,19 +1186,38 @@ class PruneEnv(gym.Env):
         return len(self._val[1])
 
     def scoring_order(self) -> np.ndarray:
-        """A fixed shuffle of the positions of the scoring images, for :meth:`evaluate_allocation`'s ``images``.
+        """The positions of the scoring images, most fragile first, for :meth:`evaluate_allocation`'s ``images``.
 
-        Drawn from the stage's seed with a generator of its own (the env's ``np_random`` is untouched),
-        so it is the same for every candidate of a stage and reproducible; slices of it are uniform
-        random subsets of the scoring images (their classes mixed, whatever the split's order).
+        Sorted by ``|logit[y] - max other logit|`` of the current model (the parent of every candidate of
+        the stage), smallest first, ties broken by a fixed shuffle drawn from the stage's seed (the env's
+        ``np_random`` is untouched). A stage removes few channels, so a candidate's predictions differ
+        from its parent's mostly on the images near the parent's decision boundary: the first slices of
+        this order hold most of the differences between candidates, and racing (``RLPruner(racing=True)``)
+        ranks them there. The same for every candidate of a stage and reproducible. The margins come from
+        the accuracy pass that measured the current model; when that pass was skipped (its accuracy was
+        known from the candidate's scoring), one forward pass over the scoring images, once per stage.
         """
         self._require_started()
         n = len(self._val[1])
         key = (self._stage_seed, n)
         if self._order_key != key:
-            self._order = np.random.default_rng([self._stage_seed, 0x5C0E]).permutation(n)
+            if self._parent_margin is None or len(self._parent_margin) != n:
+                self._parent_accuracy()
+            assert self._parent_margin is not None
+            shuffle = np.random.default_rng([self._stage_seed, 0x5C0E]).permutation(n)
+            tie = np.empty(n, dtype=np.int64)
+            tie[shuffle] = np.arange(n)
+            self._order = np.lexsort((tie, np.abs(self._parent_margin.double().numpy())))
             self._order_key = key
         return self._order
+
+    def _parent_accuracy(self) -> float:
+        """Accuracy of the current model on the scoring images; keeps the per-image margins for
+        :meth:`scoring_order`."""
+        assert self._val is not None
+        correct, self._parent_margin = correct_and_margin(self.model, *self._val, self.batch_size)
+        self._order_key = None
+        return int(correct.sum()) / max(1, len(correct))
 
     def scoring_inputs(self) -> ScoringInputs:
         """The current stage's model, validation tensors, ranking and settings (read-only), for evaluators.
@@ -1272,6 +1344,7 @@ class PruneEnv(gym.Env):
         self.model = copy.deepcopy(snap["model"])
         self._pruner = self._make_pruner(self.model)
         self._scored = {}
+        self._parent_margin, self._order_key = None, None
         self._pristine = snap["stage"] == 0 and snap["removed"] == 0
         self.stage, self._removed, self._terminated = snap["stage"], snap["removed"], snap["terminated"]
         self.macs, self.params, self.last_accuracy = snap["macs"], snap["params"], snap["accuracy"]
@@ -1464,6 +1537,81 @@ def _waterfill(p: np.ndarray, budget: int, cap: np.ndarray) -> np.ndarray:
         if not progressed:
             break
     return n
+
+
+@dataclass
+class CandidatePathCosts:
+    """The current stage's measured costs of scoring a candidate masked or on a physically pruned copy.
+
+    Model: masked = ``masked_per_image * n`` (the full-width forward; zeroing is ~free); physical =
+    ``physical_setup + physical_per_image * macs_fraction * n`` (copy + surgery, then a forward that
+    shrinks with the candidate's MACs as a fraction of the current model's). ``auto`` scores the
+    stage's first candidate masked and its second physically (one measurement of each), then picks the
+    cheaper prediction per candidate; the estimates are running means. A new stage starts over (the
+    model changed). ``path_counts`` counts the candidates scored each way since the env was built.
+    """
+
+    stage_key: int | None = None
+    masked_per_image: float | None = None
+    physical_setup: float | None = None
+    physical_per_image: float | None = None
+    path_counts: dict[str, int] = field(default_factory=lambda: {"masked": 0, "physical": 0})
+
+    def start_stage(self, key: int | None) -> None:
+        if key != self.stage_key:
+            self.stage_key, self.masked_per_image, self.physical_setup, self.physical_per_image = key, None, None, None
+
+    def choose(self, macs_fraction: float, images: int) -> str:
+        if self.masked_per_image is None:
+            return "masked"
+        if self.physical_setup is None or self.physical_per_image is None:
+            return "physical"
+        masked = self.masked_per_image * images
+        physical = self.physical_setup + self.physical_per_image * macs_fraction * images
+        return "physical" if physical < masked else "masked"
+
+    def record_masked(self, seconds: float, images: int) -> None:
+        self.path_counts["masked"] += 1
+        self.masked_per_image = _running_mean(self.masked_per_image, seconds / max(images, 1))
+
+    def record_physical(self, setup_s: float, forward_s: float, macs_fraction: float, images: int) -> None:
+        self.path_counts["physical"] += 1
+        self.physical_setup = _running_mean(self.physical_setup, setup_s)
+        per_image = forward_s / max(images * macs_fraction, 1e-12)
+        self.physical_per_image = _running_mean(self.physical_per_image, per_image)
+
+
+def _running_mean(old: float | None, new: float, weight: float = 0.5) -> float:
+    return new if old is None else (1.0 - weight) * old + weight * new
+
+
+def compare_candidate_paths(env: PruneEnv, action: Any, rounds: int = 3) -> dict[str, Any]:
+    """Median wall time of ``env.evaluate(action)`` with every :data:`CANDIDATE_PATHS` entry, in interleaved
+    rounds (so load drift hits all alike), and the ratios to ``masked``; the env's path is put back.
+
+    ``auto`` is timed after its stage's measurements are in (the first two rounds' candidates teach it).
+    """
+    env = env.unwrapped if hasattr(env, "unwrapped") else env
+    kept = env.candidate_path
+    times: dict[str, list[float]] = {p: [] for p in CANDIDATE_PATHS}
+    try:
+        for _ in range(max(1, rounds)):
+            for path in ("masked", "physical", "auto"):
+                env.candidate_path = path
+                synchronize(env.device)
+                t = time.perf_counter()
+                env.evaluate(action)
+                synchronize(env.device)
+                times[path].append(time.perf_counter() - t)
+    finally:
+        env.candidate_path = kept
+    median = {p: float(np.median(v)) for p, v in times.items()}
+    widths = env.group_widths - env.allocate(action)
+    return {
+        "seconds": median,
+        "over_masked": {p: median[p] / median["masked"] for p in ("physical", "auto")},
+        "candidate_macs_fraction": env._cost(widths)[0] / env.macs,
+    }
 
 
 def profile_evaluate(env: PruneEnv, action: Any, repeats: int = 3) -> dict[str, float]:

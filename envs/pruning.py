@@ -26,9 +26,11 @@ project's counter), so candidates never need a counter pass.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -488,9 +490,35 @@ class GroupPruner:
         Returns:
             The removed channel indices of every group (in the group's index space before pruning).
         """
+        removed, drops, plan = self._surgery_plan(counts)
+        cut: dict[tuple[int, Callable], np.ndarray] = {}
+        for key, (handler, module, positions) in plan.items():
+            cut[key] = positions
+            handler(module, positions.tolist())
+        for g, drop in zip(self.groups, drops, strict=True):
+            self._compact(g, drop, cut)
+        return removed
+
+    def pruned_copy(self, counts: Sequence[int]) -> nn.Module:
+        """A deep copy of the model with the ``counts`` least important channels of every group removed
+        for real (the same surgery as :meth:`prune`); the model and this pruner are left as they are."""
+        _, _, plan = self._surgery_plan(counts)
+        memo: dict[int, Any] = {}
+        model = copy.deepcopy(self.model, memo)
+        for handler, module, positions in plan.values():
+            twin = memo.get(id(module))
+            if twin is not None:  # Torch-Pruning's graph-only ops (concat, add, ...) are not in the model
+                handler(twin, positions.tolist())
+        return model
+
+    def _surgery_plan(
+        self, counts: Sequence[int]
+    ) -> tuple[list[np.ndarray], list[np.ndarray], dict[tuple[int, Callable], tuple[Callable, nn.Module, np.ndarray]]]:
+        """Removed channels per group, their boolean masks, and per (layer, pruning function) the sorted
+        positions to cut in the layer's pre-surgery index space."""
         removed = self.removal_indices(counts)
         drops = []
-        plan: dict[tuple[int, Callable], tuple[Callable, nn.Module, list[np.ndarray]]] = {}
+        parts: dict[tuple[int, Callable], tuple[Callable, nn.Module, list[np.ndarray]]] = {}
         for g, idxs in zip(self.groups, removed, strict=True):
             drop = np.zeros(g.width, dtype=bool)
             drop[idxs] = True
@@ -499,14 +527,9 @@ class GroupPruner:
                 continue
             for handler, module, pos, chans in g.surgery:
                 key = (id(module), handler)
-                plan.setdefault(key, (handler, module, []))[2].append(pos[drop[chans]])
-        cut: dict[tuple[int, Callable], np.ndarray] = {}
-        for key, (handler, module, parts) in plan.items():
-            cut[key] = np.unique(np.concatenate(parts))  # sorted
-            handler(module, cut[key].tolist())
-        for g, drop in zip(self.groups, drops, strict=True):
-            self._compact(g, drop, cut)
-        return removed
+                parts.setdefault(key, (handler, module, []))[2].append(pos[drop[chans]])
+        plan = {key: (h, m, np.unique(np.concatenate(ps))) for key, (h, m, ps) in parts.items()}
+        return removed, drops, plan
 
     @staticmethod
     def _compact(g: ChannelGroup, drop: np.ndarray, cut: dict[tuple[int, Callable], np.ndarray]) -> None:

@@ -7,7 +7,8 @@ machine description, the command line that produced it and the raw timings.
 * ``data``: in-memory loader (augmentation + normalisation) vs the model's forward+backward on
   the same batches (target: loader < 10 % of a training step).
 * ``prune-step``: ``PruneEnv.evaluate(action)`` split into importance / masking / evaluation vs
-  the pure forward of the physically pruned model.
+  the pure forward of the physically pruned model; and ``evaluate`` with the masked, physical and auto
+  candidate paths side by side at stages of 1 / 10 / 25 % of the channels.
 * ``vit``: ViT training step time and inference images/s at keep 100/75/50/25 %.
 * ``prune``: wall time of one stage search (K x E candidates) on a full-width model.
 * ``agentvit``: joint ViT + agent training vs full-patch ViT training, per step.
@@ -209,7 +210,7 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
     """``PruneEnv.evaluate`` on VGG-19 (width 1.0, 1,000 validation images; quick: width 0.25, 200)."""
     import numpy as np
 
-    from keepgym.envs.prune_env import profile_evaluate
+    from keepgym.envs.prune_env import compare_candidate_paths, profile_evaluate
 
     width, images = (0.25, 200) if quick else (1.0, 1000)
     env = _vgg19_env(width, images, device)
@@ -217,12 +218,18 @@ def _bench_prune_step(device: str, quick: bool, repeats: int) -> dict:
     action = np.ones(env.action_space.shape, dtype=np.float32)
     timings = profile_evaluate(env, action, repeats=repeats)
     masking = timings["surgery_s"]
+    paths = {}  # masked vs physical vs auto candidate forwards, side by side, per stage size
+    for stage in (0.01, 0.1, 0.25):
+        staged = _vgg19_env(width, images, device, stage_sparsity=stage)
+        staged.reset(seed=0)
+        paths[str(stage)] = compare_candidate_paths(staged, action, rounds=repeats)
     return {
         "benchmark": "prune-step",
         "model": f"vgg19 width {width}",
         "validation_images": images,
         **timings,
         "masking_fraction_of_forward": masking / timings["forward_s"],
+        "candidate_paths_by_stage_sparsity": paths,
         "target": "masking (surgery + bookkeeping) < 0.5 x forward of the pruned model",
         "passed": masking / timings["forward_s"] < 0.5,
     }

@@ -15,7 +15,7 @@ from typing import Any
 
 from keepgym.envs.data import DATASETS
 from keepgym.envs.evaluators import EVALUATORS
-from keepgym.envs.prune_env import ACTION_PARAMS, CANDIDATE_SCORINGS
+from keepgym.envs.prune_env import ACTION_PARAMS, CANDIDATE_PATHS, CANDIDATE_SCORINGS
 from keepgym.envs.pruning import CRITERIA
 from keepgym.experiments.common import CliError, arg
 
@@ -115,6 +115,12 @@ class PruneConfig:
         choices=CANDIDATE_SCORINGS,
     )
     bn_calibration_size: int = arg(512, help="--candidate-scoring adaptive_bn: training images per stage")
+    candidate_path: str = arg(
+        "auto",
+        help="where a candidate's forward runs: masked full-width model, physically pruned copy, or auto "
+        "(the cheaper by the stage's measured costs; same scores either way)",
+        choices=CANDIDATE_PATHS,
+    )
     backend: str = arg("serial", help=f"candidate evaluation backend: {', '.join(BACKENDS)}")
     workers: int = arg(1, help="candidate evaluation workers (--backend ray)")
     ray_address: str | None = arg(None, help="--backend ray: cluster address for ray.init (default: local Ray)")
@@ -280,6 +286,7 @@ def env_kwargs(cfg: PruneConfig, device: str = "cpu") -> dict[str, Any]:
         "calibration_size": cfg.calibration_size,
         "candidate_scoring": cfg.candidate_scoring,
         "bn_calibration_size": cfg.bn_calibration_size,
+        "candidate_path": cfg.candidate_path,
         "device": device,
     }
     optional = {

@@ -78,7 +78,7 @@ _CNN_FACTORIES: dict[str, Callable[..., nn.Module]] = {
 }
 # Factories with these names live in models/vit.py and are imported on first use, so that the CNNs
 # keep working whatever the state of the ViT module.
-_VIT_NAMES = ("vit_cifar", "vit_small", "vit_tiny")
+_VIT_NAMES = ("vit_cifar", "vit_medium", "vit_small", "vit_tiny")
 
 
 #: Builder keywords that would fetch weights from elsewhere than a keepgym model file.

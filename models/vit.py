@@ -25,6 +25,7 @@ __all__ = [
     "VIT_PRESETS",
     "ViT",
     "vit_cifar",
+    "vit_medium",
     "vit_small",
     "vit_tiny",
     "posemb_sincos_2d",
@@ -40,6 +41,7 @@ SCORE_MODES = ("attention", "agentvit")
 VIT_PRESETS: dict[str, dict[str, int]] = {
     "vit_tiny": dict(dim=32, depth=2, heads=2, mlp_dim=64, dim_head=8),
     "vit_small": dict(dim=64, depth=4, heads=4, mlp_dim=128, dim_head=16),
+    "vit_medium": dict(dim=128, depth=6, heads=4, mlp_dim=256, dim_head=32),
     "vit_cifar": dict(dim=128, depth=6, heads=16, mlp_dim=512, dim_head=64),
 }
 
@@ -412,6 +414,12 @@ def vit_cifar(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:
     ``heads``, ``mlp_dim``, ``dim_head``, ``cls_token``). The same holds for :func:`vit_small` and :func:`vit_tiny`.
     """
     return _build("vit_cifar", num_classes, width_mult, **kw)
+
+
+def vit_medium(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:
+    """AgentViT's CIFAR depth and width (6 blocks, dim 128) with 4 heads of 32 and MLP 256: ~4x cheaper
+    than :func:`vit_cifar`, the CPU preset of the CIFAR-10 AgentViT runs (0.80M parameters)."""
+    return _build("vit_medium", num_classes, width_mult, **kw)
 
 
 def vit_small(num_classes: int = 10, width_mult: float = 1.0, **kw: Any) -> ViT:

@@ -9,7 +9,7 @@ import pytest
 
 from keepgym.agents.rl_pruner import RLPruner
 from keepgym.envs.data import load_dataset
-from keepgym.envs.prune_env import PruneEnv
+from keepgym.envs.prune_env import PruneEnv, correct_and_margin
 
 TINY = {"width_mult": 0.125, "dataset": "synthetic", "pretrained": False, "calibration_size": 16, "criterion": "l1"}
 
@@ -59,6 +59,32 @@ def test_image_slices_add_up_to_the_full_evaluation(data):
         env.evaluate_allocation(env.allocate(action), images=[1, 2])
     with pytest.raises(ValueError, match="none of"):
         env.evaluate_allocation(env.allocate(action), images=slice(n, None))
+
+
+def _fragile_first(env: PruneEnv) -> bool:
+    inputs = env.scoring_inputs()
+    _, margin = correct_and_margin(inputs.model, inputs.val_x, inputs.val_y, inputs.batch_size)
+    return bool(np.all(np.diff(np.abs(margin.numpy()[env.scoring_order()])) >= 0))
+
+
+def test_scoring_order_puts_the_current_models_fragile_images_first(data):
+    env = _env(data)
+    env.reset(seed=0)
+    assert _fragile_first(env)
+    action = np.linspace(0.1, 1.0, env.num_groups)
+    env.evaluate(action)  # the committed candidate's accuracy is reused: no pass measures the new model
+    env.step(action)
+    assert _fragile_first(env)  # the order follows the pruned model, not the one before
+    env.step(action)
+    assert _fragile_first(env)
+    snap = env.snapshot()
+    order = env.scoring_order().copy()
+    env.step(action)
+    env.restore(snap)
+    assert np.array_equal(env.scoring_order(), order)
+    with pytest.raises(AssertionError):  # the check can fail: a random order is not fragile-first
+        env._order = np.random.default_rng(0).permutation(env.num_scoring_images)
+        assert _fragile_first(env)
 
 
 def test_racing_survivors_carry_exact_full_set_rewards_and_cost_less(data):
