@@ -55,7 +55,8 @@ test-lowest-pruning: $(VENV)/.installed
 	PYTHONPATH=build/tp-lowest $(PY) -c "from importlib.metadata import version as v; \
 	  assert v('torch-pruning') == '$(TP_LOWEST)', v('torch-pruning'); print('torch-pruning', v('torch-pruning'))"
 	PYTHONPATH=build/tp-lowest $(PY) -m pytest -q tests/envs/test_pruning.py tests/envs/test_prune_env.py \
-	  tests/envs/test_compute_target.py tests/models/test_export.py tests/models/test_serialization.py
+	  tests/envs/test_compute_target.py tests/envs/test_candidate_path.py tests/models/test_export.py \
+	  tests/models/test_serialization.py
 
 clean:
 	rm -rf $(VENV) .venv-lowest .venv-lock runs/demo .pytest_cache

@@ -451,6 +451,8 @@ class PruneEnv(gym.Env):
       their meaning.
       ``action_param`` was added the same way (default ``weights``); its ``log_prior`` setting is registered
       as sibling ids, ``RLPrune-*-LogPrior-v0``, not as a new version.
+    * ``candidate_path=`` (no bump): where a candidate's forward runs; the scores are the same, only the
+      time changes. ``scoring_order()`` now lists the current model's fragile images first (racing only).
     * ``recovery=`` (no bump): ``finetune_steps`` now builds a ``KDRecovery``; with it the
       observation, reward and ``info`` mean what they meant (accuracy after recovery). ``keepgym prune``'s
       env now reports the post-distillation accuracy too (it used to report the one before).
