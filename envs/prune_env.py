@@ -154,28 +154,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return accuracy_and_loss(model, x, y, batch_size)[0]
 
 
-@torch.no_grad()
 def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` (eval mode) on normalised ``x``."""
-    model.eval()
-    correct, loss = 0, 0.0
-    for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
-        correct += int((logits.argmax(1) == yb).sum())
-        loss += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
-    n = max(1, len(y))
-    return correct / n, loss / n
+    correct, _, loss = score_images(model, x, y, batch_size)
+    return int(correct.sum()) / max(1, len(y)), loss
 
 
 @torch.no_grad()
-def correct_and_margin(
+def score_images(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image of normalised ``x``: top-1 correct (bool) and the true-class margin
-    ``logit[y] - max_{j != y} logit[j]`` (float, CPU), of ``model`` in eval mode."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``model`` (eval mode) on normalised ``x``: per image, top-1 correct (bool) and the true-class margin
+    ``logit[y] - max_{j != y} logit[j]`` (float), both on the CPU; and the mean cross-entropy."""
     model.eval()
-    correct, margin = [], []
+    correct, margin, loss = [], [], 0.0
     for start in range(0, len(y), batch_size):
         logits = model(x[start : start + batch_size]).float()
         yb = y[start : start + batch_size]
@@ -183,9 +175,10 @@ def correct_and_margin(
         other = logits.scatter(1, yb[:, None], float("-inf")).amax(dim=1)
         correct.append((logits.argmax(1) == yb).cpu())
         margin.append((true - other).cpu())
+        loss += float(F.cross_entropy(logits, yb, reduction="sum"))
     if not correct:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
-    return torch.cat(correct), torch.cat(margin)
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0), 0.0
+    return torch.cat(correct), torch.cat(margin), loss / len(y)
 
 
 @contextlib.contextmanager
@@ -803,6 +796,7 @@ class PruneEnv(gym.Env):
         self._parent_margin: torch.Tensor | None = None  # per scoring image, of the current model (scoring_order)
         #: (stage seed, counts bytes) -> vanilla accuracy of a candidate scored on every image this stage
         self._scored: dict[tuple[int | None, bytes], float] = {}
+        self._scored_margin: dict[tuple[int | None, bytes], torch.Tensor] = {}  # their per-image margins
         self._terminated = False
         self.macs, self.params = self.macs0, self.params0
         self.last_accuracy = 0.0
@@ -992,9 +986,12 @@ class PruneEnv(gym.Env):
             self._bn_cache = (self._stage_seed, self.data.normalize(self.data.train_x[idx].to(self.device)))
         return self._bn_cache[1]
 
-    def _score(self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
-        """Accuracy and mean cross-entropy of the candidate ``counts`` under :attr:`candidate_scoring` on ``val``
-        (default: all scoring images), masked or on a pruned copy as :attr:`candidate_path` says."""
+    def _score(
+        self, counts: np.ndarray, val: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[float, float, torch.Tensor]:
+        """Accuracy, mean cross-entropy and per-image margins (:func:`score_images`) of the candidate ``counts``
+        under :attr:`candidate_scoring` on ``val`` (default: all scoring images), masked or on a pruned copy
+        as :attr:`candidate_path` says."""
         bn_x = self.bn_calibration_batch()
         x, y = self._val if val is None else val
         costs = self.path_costs
@@ -1009,16 +1006,16 @@ class PruneEnv(gym.Env):
             model = self._pruner.pruned_copy(counts)
             setup_s = time.perf_counter() - t0
             with contextlib.nullcontext() if bn_x is None else adaptive_bn(model, bn_x, self.batch_size):
-                acc, loss = accuracy_and_loss(model, x, y, self.batch_size)
+                correct, margin, loss = score_images(model, x, y, self.batch_size)
             synchronize(self.device)
             costs.record_physical(setup_s, time.perf_counter() - t0 - setup_s, macs_fraction, len(y))
-            return acc, loss
-        with self._pruner.masked(counts):
-            with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
-                acc, loss = accuracy_and_loss(self.model, x, y, self.batch_size)
-            synchronize(self.device)
-        costs.record_masked(time.perf_counter() - t0, len(y))
-        return acc, loss
+        else:
+            with self._pruner.masked(counts):
+                with contextlib.nullcontext() if bn_x is None else adaptive_bn(self.model, bn_x, self.batch_size):
+                    correct, margin, loss = score_images(self.model, x, y, self.batch_size)
+                synchronize(self.device)
+            costs.record_masked(time.perf_counter() - t0, len(y))
+        return int(correct.sum()) / max(1, len(y)), loss, margin
 
     def stage_importance(self) -> list[np.ndarray]:
         """Per-channel importance of every group for this stage, each divided by its group's mean.
@@ -1094,10 +1091,14 @@ class PruneEnv(gym.Env):
         synchronize(self.device)
         surgery_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        acc_before = self._scored.get((self._stage_seed, counts.tobytes()))
+        key = (self._stage_seed, counts.tobytes())
+        acc_before = self._scored.get(key)
         if acc_before is None:  # not scored as a candidate of this stage (or scored another way)
             acc_before = self._parent_accuracy()
+        else:  # the search measured the pruned model: its margins order the next stage's images
+            self._parent_margin = self._scored_margin.get(key)
         self._scored.clear()
+        self._scored_margin.clear()
         eval_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         result: RecoveryResult = self.recovery.recover(self, self.stage)
@@ -1173,10 +1174,12 @@ class PruneEnv(gym.Env):
             if len(idx) == 0:
                 raise ValueError(f"images {images} selects none of the {len(val[1])} scoring images")
             val = (val[0][idx], val[1][idx])
-        acc, loss = self._score(counts, val)
+        acc, loss, margin = self._score(counts, val)
         eval_s = time.perf_counter() - t0
         times = WallTimes(eval_s=eval_s, total_s=time.perf_counter() - t0)
         reward, info = self.candidate_result(counts, acc, times, scored_images=len(val[1]))
+        if images is None and self.candidate_scoring == "vanilla":  # step() reuses them with the accuracy
+            self._scored_margin[(self._stage_seed, counts.tobytes())] = margin
         if images is not None:
             info["loss"] = loss  # mean cross-entropy on the slice: racing breaks accuracy ties with it
         return reward, info
@@ -1196,8 +1199,8 @@ class PruneEnv(gym.Env):
         from its parent's mostly on the images near the parent's decision boundary: the first slices of
         this order hold most of the differences between candidates, and racing (``RLPruner(racing=True)``)
         ranks them there. The same for every candidate of a stage and reproducible. The margins come from
-        the accuracy pass that measured the current model; when that pass was skipped (its accuracy was
-        known from the candidate's scoring), one forward pass over the scoring images, once per stage.
+        the pass that measured the current model, or from the committed candidate's full-set ``vanilla``
+        scoring; otherwise (e.g. a Ray evaluator scored it) from one forward pass, once per stage.
         """
         self._require_started()
         n = len(self._val[1])
@@ -1217,7 +1220,7 @@ class PruneEnv(gym.Env):
         """Accuracy of the current model on the scoring images; keeps the per-image margins for
         :meth:`scoring_order`."""
         assert self._val is not None
-        correct, self._parent_margin = correct_and_margin(self.model, *self._val, self.batch_size)
+        correct, self._parent_margin, _ = score_images(self.model, *self._val, self.batch_size)
         self._order_key = None
         return int(correct.sum()) / max(1, len(correct))
 
@@ -1345,7 +1348,7 @@ class PruneEnv(gym.Env):
         """Return to a :meth:`snapshot` (rebuilds the dependency graph of the copied model)."""
         self.model = copy.deepcopy(snap["model"])
         self._pruner = self._make_pruner(self.model)
-        self._scored = {}
+        self._scored, self._scored_margin = {}, {}
         self._parent_margin, self._order_key = None, None
         self._pristine = snap["stage"] == 0 and snap["removed"] == 0
         self.stage, self._removed, self._terminated = snap["stage"], snap["removed"], snap["terminated"]

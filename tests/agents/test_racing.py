@@ -9,7 +9,7 @@ import pytest
 
 from keepgym.agents.rl_pruner import RLPruner
 from keepgym.envs.data import load_dataset
-from keepgym.envs.prune_env import PruneEnv, correct_and_margin
+from keepgym.envs.prune_env import PruneEnv, score_images
 
 TINY = {"width_mult": 0.125, "dataset": "synthetic", "pretrained": False, "calibration_size": 16, "criterion": "l1"}
 
@@ -63,7 +63,7 @@ def test_image_slices_add_up_to_the_full_evaluation(data):
 
 def _fragile_first(env: PruneEnv) -> bool:
     inputs = env.scoring_inputs()
-    _, margin = correct_and_margin(inputs.model, inputs.val_x, inputs.val_y, inputs.batch_size)
+    _, margin, _ = score_images(inputs.model, inputs.val_x, inputs.val_y, inputs.batch_size)
     return bool(np.all(np.diff(np.abs(margin.numpy()[env.scoring_order()])) >= 0))
 
 

@@ -19,13 +19,13 @@ def data():
 
 def _counting(monkeypatch) -> list[int]:
     calls = []
-    real = prune_env_module.correct_and_margin  # the env measures its current model with it
+    real = prune_env_module.score_images  # the env measures its current model with it
 
     def counted(model, x, y, batch_size):
         calls.append(len(y))
         return real(model, x, y, batch_size)
 
-    monkeypatch.setattr(prune_env_module, "correct_and_margin", counted)
+    monkeypatch.setattr(prune_env_module, "score_images", counted)
     return calls
 
 
@@ -40,6 +40,8 @@ def test_commit_of_a_scored_candidate_skips_the_evaluation_only_when_exact(data,
     if scoring == "vanilla":  # masked == physical: the search's score is the commit's
         assert calls == []
         assert info["accuracy_before_recovery"] == cand["accuracy"] == info["accuracy"]
+        env.scoring_order()  # racing's order: the committed candidate's margins, no new pass
+        assert calls == []
     else:  # adaptive-BN scores are not what the committed model (old statistics) gets: measured again
         assert calls == [env.num_scoring_images]
 
