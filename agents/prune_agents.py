@@ -48,6 +48,7 @@ def make_prune_agent(
     sample_num: int = 10,
     rounds_per_stage: int = 10,
     racing: bool = False,
+    racing_eta: float = 3.5,
     racing_keep: int = 2,
     num_stages: int | None = None,
     seed: int | None = None,
@@ -62,6 +63,7 @@ def make_prune_agent(
         sample_num: RLPruner: candidates per round (its elite archive keeps as many).
         rounds_per_stage: RLPruner: search rounds per stage.
         racing: RLPruner: score a round's candidates on growing image slices (successive halving).
+        racing_eta: RLPruner with ``racing``: halving factor (>= 2).
         racing_keep: RLPruner with ``racing``: candidates of a round scored on every image.
         num_stages: SB3 algorithms: stages per episode, which sizes their rollouts and batches
             (default: ``env.unwrapped.num_stages``).
@@ -79,6 +81,7 @@ def make_prune_agent(
             rounds_per_stage=rounds_per_stage,
             archive_size=max(sample_num, 1),
             racing=racing,
+            racing_eta=racing_eta,
             racing_keep=racing_keep,
             **common,
         )

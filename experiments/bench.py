@@ -71,7 +71,7 @@ class BenchConfig:
     stage_sparsity: float = arg(0.01, help="search: fraction of the channels a stage removes")
     sample_num: int = arg(10, help="search: candidates per round (K)")
     rounds_per_stage: int = arg(10, help="search: rounds per stage (E)")
-    racing_eta: int = arg(3, help="search: halving factor of the racing search")
+    racing_eta: float = arg(3.5, help="search: halving factor of the racing search")
     racing_keep: int = arg(2, help="search: candidates of a round scored on every image")
     candidate_scoring: str = arg("vanilla", help="search: candidate scoring")
     compare_exhaustive: bool = arg(False, help="search: run the exhaustive search side by side on every stage")
@@ -115,7 +115,9 @@ def add_arguments(parser) -> None:
     )
     search.add_argument("--sample-num", type=int, default=10, help="RL-Pruner candidates per round K (default: 10)")
     search.add_argument("--rounds-per-stage", type=int, default=10, help="RL-Pruner rounds per stage E (default: 10)")
-    search.add_argument("--racing-eta", type=int, default=3, help="halving factor of the racing search (default: 3)")
+    search.add_argument(
+        "--racing-eta", type=float, default=3.5, help="halving factor of the racing search, >= 2 (default: 3.5)"
+    )
     search.add_argument(
         "--racing-keep", type=int, default=2, help="candidates of a round scored on every image (default: 2)"
     )

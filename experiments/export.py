@@ -6,8 +6,8 @@
 Writes ``OUT/model.torchscript.pt``, ``OUT/model.pt2`` and ``OUT/model.onnx`` (default ``OUT``: an
 ``export`` folder beside the checkpoint) and ``OUT/export.json``. Every file is loaded back and run on
 a batch (test images of ``--dataset`` when given, else random ones) beside the PyTorch model; an export
-whose logits differ by more than ``--tolerance`` is an error. The files need torch (or ONNX Runtime)
-to run, not keepgym. ONNX needs the ``export`` extra (``pip install 'keepgym[export]'``).
+whose logits differ by more than ``--tolerance`` (times ``max(1, max |logit|)``) is an error. The files
+need torch (or ONNX Runtime) to run, not keepgym. ONNX needs the ``export`` extra (``pip install 'keepgym[export]'``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class ExportConfig:
     )
     image_size: int | None = arg(None, help="input height = width (default: the dataset's, else 32)")
     batch_size: int = arg(8, help="images in the parity-check batch (>= 3)")
-    tolerance: float = arg(1e-4, help="largest accepted max |logit diff| between an export and the model")
+    tolerance: float = arg(
+        1e-4, help="largest accepted max |logit diff| between an export and the model, per unit of max(1, max |logit|)"
+    )
     force: bool = arg(False, help="overwrite existing export files")
 
 

@@ -168,7 +168,8 @@ def make_env(cfg: PruneConfig, device: str = "cpu", distributed: bool = False) -
 
 
 def _make_agent(cfg: PruneConfig, env: gym.Env, tb: str | None, num_stages: int) -> Any:
-    settings = {key: getattr(cfg, key) for key in ("sample_num", "rounds_per_stage", "racing", "racing_keep")}
+    keys = ("sample_num", "rounds_per_stage", "racing", "racing_eta", "racing_keep")
+    settings = {key: getattr(cfg, key) for key in keys}
     return make_prune_agent(cfg.algo, env, num_stages=num_stages, seed=cfg.seed, tensorboard_log=tb, **settings)
 
 

@@ -94,8 +94,9 @@ class PruneConfig:
     racing: bool = arg(
         False,
         help="RL-Pruner: race each round's candidates over slices of the scoring images (successive halving; "
-        "about 3x fewer images scored per stage, see `keepgym bench search`)",
+        "about 3.5x fewer images scored per stage at K = 10, see `keepgym bench search`)",
     )
+    racing_eta: float = arg(3.5, help="--racing: halving factor (>= 2): the best 1/eta of a slice go on to the next")
     racing_keep: int = arg(2, help="--racing: candidates of a round scored on every image")
     action_param: str | None = arg(
         None,
@@ -235,6 +236,7 @@ def validate(cfg: PruneConfig) -> None:
         (cfg.calibration_size >= 1, f"--calibration-size must be >= 1, got {cfg.calibration_size}"),
         (cfg.workers >= 1, f"--workers must be >= 1, got {cfg.workers}"),
         (cfg.episodes >= 1, f"--episodes must be >= 1, got {cfg.episodes}"),
+        (cfg.racing_eta >= 2, f"--racing-eta must be >= 2, got {cfg.racing_eta}"),
         (cfg.racing_keep >= 1, f"--racing-keep must be >= 1, got {cfg.racing_keep}"),
         (not cfg.racing or cfg.algo == "rlpruner", f"--racing is RL-Pruner's search; --algo {cfg.algo} has none"),
         (not cfg.racing or cfg.backend == "serial", "--racing scores image slices: it needs --backend serial"),

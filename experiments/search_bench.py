@@ -45,7 +45,7 @@ def search_benchmark(
     stage_sparsity: float = 0.01,
     sample_num: int = 10,
     rounds_per_stage: int = 10,
-    racing_eta: int = 3,
+    racing_eta: float = 3.5,
     racing_keep: int = 2,
     eval_size: int | None = None,
     candidate_scoring: str = "vanilla",

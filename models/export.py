@@ -179,13 +179,22 @@ def load_exported(path: str | os.PathLike, device: str = "cpu", threads: int | N
 
 def max_logit_diff(model: nn.Module, runner: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> float:
     """Largest absolute difference between ``model``'s logits and ``runner``'s on ``batch``."""
+    return logit_diff_and_scale(model, runner, batch)[0]
+
+
+def logit_diff_and_scale(
+    model: nn.Module, runner: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor
+) -> tuple[float, float]:
+    """``(max |logit diff|, max(1, max |logit|))`` of ``runner`` against ``model`` on ``batch``: the second is
+    the scale a parity tolerance is relative to (float32 rounding grows with the logits' size)."""
     model.eval()
     with torch.no_grad():
         expected = model(batch)
         got = runner(batch)
     if tuple(got.shape) != tuple(expected.shape):
         raise ExportError(f"exported logits have shape {tuple(got.shape)}, the model's {tuple(expected.shape)}")
-    return float((got.to(expected.device).float() - expected.float()).abs().max())
+    diff = float((got.to(expected.device).float() - expected.float()).abs().max())
+    return diff, max(1.0, float(expected.float().abs().max()))
 
 
 _EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, str | os.PathLike], Path]] = {
@@ -214,10 +223,11 @@ def export_model(
         stem: File name stem.
         check_batch: Batch for the parity check (default: ``example``); it should differ in batch size
             from ``example`` so a batch dimension frozen by the tracer is caught.
-        tolerance: Largest accepted ``max |logit diff|``.
+        tolerance: Largest accepted ``max |logit diff|`` per unit of ``max(1, max |logit|)`` of the model on the
+            check batch (absolute for logits up to 1, relative above: float32 rounding grows with the logits).
 
     Returns:
-        ``{format: {"path": str, "max_abs_diff": float, "bytes": int}}``.
+        ``{format: {"path": str, "max_abs_diff": float, "logit_scale": float, "bytes": int}}``.
 
     Raises:
         ValueError: An unknown format.
@@ -240,9 +250,12 @@ def export_model(
         except Exception as err:
             line = " ".join(str(err).split())[:300] or type(err).__name__
             raise ExportError(f"{fmt} export of {type(model).__name__} failed: {line}") from err
-        diff = max_logit_diff(model, load_exported(path), batch)
-        logger.info("exported %s to %s (max |logit diff| %.2e)", fmt, path, diff)
-        if not diff <= tolerance:
-            raise ExportError(f"{fmt} export {path} differs from the model: max |logit diff| {diff:.3e} > {tolerance}")
-        results[fmt] = {"path": str(path), "max_abs_diff": diff, "bytes": path.stat().st_size}
+        diff, scale = logit_diff_and_scale(model, load_exported(path), batch)
+        logger.info("exported %s to %s (max |logit diff| %.2e, logits up to %.3g)", fmt, path, diff, scale)
+        if not diff <= tolerance * scale:
+            raise ExportError(
+                f"{fmt} export {path} differs from the model: max |logit diff| {diff:.3e} > {tolerance} x "
+                f"max(1, max |logit|) = {tolerance * scale:.3e}"
+            )
+        results[fmt] = {"path": str(path), "max_abs_diff": diff, "logit_scale": scale, "bytes": path.stat().st_size}
     return results
