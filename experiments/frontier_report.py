@@ -44,10 +44,15 @@ def frontier_table(records: list[dict], methods: tuple[str, ...], targets: tuple
 
 
 def frontier_markdown(rows: list[dict], baseline: dict, model: str, width_mult: float) -> str:
+    if "test_accuracy" in baseline:
+        head = (
+            f"Baseline {model} (width {width_mult:g}): test accuracy {100 * baseline['test_accuracy']:.2f} %, "
+            f"{baseline.get('macs', 0) / 1e6:.2f}M MACs, {baseline.get('params', 0) / 1e6:.3f}M params."
+        )
+    else:  # --checkpoint: a model trained elsewhere, not re-measured here
+        head = f"Baseline {model} (width {width_mult:g}): `{baseline.get('checkpoint', '?')}` (given, not re-measured)."
     lines = [
-        f"Baseline {model} (width {width_mult:g}): test accuracy "
-        f"{100 * baseline.get('test_accuracy', float('nan')):.2f} %, {baseline.get('macs', 0) / 1e6:.2f}M MACs, "
-        f"{baseline.get('params', 0) / 1e6:.3f}M params.",
+        head,
         "",
         "| MACs target | method | test acc % (mean ± std) | MACs kept | channel sparsity | params kept | seeds |",
         "|---|---|---|---|---|---|---|",

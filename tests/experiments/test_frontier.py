@@ -77,3 +77,12 @@ def test_frontier_table_mean_and_sample_std_over_seeds():
     assert row["n"] == 3 and row["seeds"] == [0, 1, 2]
     assert row["test_accuracy_mean"] == pytest.approx(0.82)
     assert row["test_accuracy_std"] == pytest.approx(0.02)  # sample std (ddof=1)
+
+
+def test_frontier_table_header_names_a_given_checkpoint_instead_of_nan():
+    from keepgym.experiments.frontier_report import frontier_markdown
+
+    trained = frontier_markdown([], {"test_accuracy": 0.6848, "macs": 11.2e6, "params": 1.77e6}, "vgg11", 0.25)
+    assert trained.startswith("Baseline vgg11 (width 0.25): test accuracy 68.48 %, 11.20M MACs, 1.770M params.")
+    given = frontier_markdown([], {"checkpoint": "base/model.pt"}, "vgg11", 0.25)
+    assert "`base/model.pt` (given, not re-measured)" in given and "nan" not in given
